@@ -1,0 +1,17 @@
+"""Install the ``tbd`` package (Task-Balanced Distillation for Detectron2).
+
+Detectron2 itself is not on PyPI under its own name; install it first (scripts/setup.sh does,
+or build the official source). It is therefore not listed in install_requires.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tbd-detectron2",
+    version="0.1.0",
+    description="Task-Balanced Distillation (TBD) for Detectron2 RetinaNet students",
+    packages=find_packages(include=["tbd", "tbd.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch", "torchvision", "fvcore", "pycocotools", "opencv-python-headless"],
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+)
