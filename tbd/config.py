@@ -75,6 +75,28 @@ def add_tbd_config(cfg: CN) -> None:
     # Kernel size of the student-to-teacher feature adapter (1 = 1x1 conv, 3 = FRS's 3x3).
     _C.MODEL.DISTILL.TFD.ADAPTER_KERNEL = 1
 
+    # FRS baseline (Du et al. 2021), LOSSES: ["FRS"]. Official RetinaNet weights.
+    _C.MODEL.DISTILL.FRS = CN()
+    # Weight of the score-masked feature imitation term.
+    _C.MODEL.DISTILL.FRS.FEAT_WEIGHT = 0.005
+    # Weight of the score-masked classification (BCE to teacher scores) term.
+    _C.MODEL.DISTILL.FRS.CLS_WEIGHT = 0.02
+    # Kernel size of FRS's feature adapter (3 in the official code).
+    _C.MODEL.DISTILL.FRS.ADAPTER_KERNEL = 3
+
+    # FGD baseline (Yang et al. 2022), LOSSES: ["FGD"]. Official RetinaNet weights.
+    _C.MODEL.DISTILL.FGD = CN()
+    # Weight of the foreground focal (attention-weighted, GT-box-masked) feature term.
+    _C.MODEL.DISTILL.FGD.ALPHA_FG = 1e-3
+    # Weight of the background focal feature term.
+    _C.MODEL.DISTILL.FGD.BETA_BG = 5e-4
+    # Weight of the spatial + channel attention imitation term.
+    _C.MODEL.DISTILL.FGD.GAMMA_ATTN = 5e-4
+    # Weight of the global (context block) relation term.
+    _C.MODEL.DISTILL.FGD.LAMBDA_GLOBAL = 5e-6
+    # Temperature of the attention softmaxes.
+    _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
+
 
 def _weight_keys(cfg: CN) -> dict[str, float]:
     d = cfg.MODEL.DISTILL
@@ -85,6 +107,12 @@ def _weight_keys(cfg: CN) -> dict[str, float]:
         "MODEL.DISTILL.TFD.WEIGHT": d.TFD.WEIGHT,
         "MODEL.DISTILL.HS.ALIGNED_ALPHA": d.HS.ALIGNED_ALPHA,
         "MODEL.DISTILL.HS.ALIGNED_BETA": d.HS.ALIGNED_BETA,
+        "MODEL.DISTILL.FRS.FEAT_WEIGHT": d.FRS.FEAT_WEIGHT,
+        "MODEL.DISTILL.FRS.CLS_WEIGHT": d.FRS.CLS_WEIGHT,
+        "MODEL.DISTILL.FGD.ALPHA_FG": d.FGD.ALPHA_FG,
+        "MODEL.DISTILL.FGD.BETA_BG": d.FGD.BETA_BG,
+        "MODEL.DISTILL.FGD.GAMMA_ATTN": d.FGD.GAMMA_ATTN,
+        "MODEL.DISTILL.FGD.LAMBDA_GLOBAL": d.FGD.LAMBDA_GLOBAL,
     }
 
 
@@ -103,6 +131,12 @@ def validate_distill_config(cfg: CN) -> None:
         )
     if not 0.0 <= d.TFD.GAMMA <= 1.0:
         raise ValueError(f"MODEL.DISTILL.TFD.GAMMA must be in [0, 1], got {d.TFD.GAMMA}.")
+    if not d.FGD.TEMPERATURE > 0:
+        raise ValueError(f"MODEL.DISTILL.FGD.TEMPERATURE must be > 0, got {d.FGD.TEMPERATURE}.")
+    if d.FRS.ADAPTER_KERNEL not in (1, 3):
+        raise ValueError(
+            f"MODEL.DISTILL.FRS.ADAPTER_KERNEL must be 1 or 3, got {d.FRS.ADAPTER_KERNEL}."
+        )
     if d.TFD.ADAPTER_KERNEL not in (1, 3):
         raise ValueError(
             f"MODEL.DISTILL.TFD.ADAPTER_KERNEL must be 1 or 3, got {d.TFD.ADAPTER_KERNEL}."
