@@ -1,0 +1,65 @@
+"""Shared helpers of the benchmarks: machine description, git commit, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def machine_info() -> dict:
+    import detectron2
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "detectron2": detectron2.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name if "python" in sys.executable else sys.executable,
+                     *sys.argv])
+
+
+def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict],
+                  markdown: str) -> None:
+    """results.json (BENCHMARKS.md format) and results.md, written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": benchmark,
+        "command": command_line(),
+        "date": time.strftime("%Y-%m-%d"),
+        "git_commit": git_commit(),
+        "machine": machine_info(),
+        "settings": settings,
+        "rows": rows,
+    }
+    for name, text in (("results.json", json.dumps(payload, indent=2)), ("results.md", markdown)):
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
