@@ -24,6 +24,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
 
 import tbd
 from tbd.checkpoint import StudentCheckpointer
@@ -76,6 +77,9 @@ def setup(args) -> CfgNode:
     cfg.freeze()
     check_inputs(cfg, args)
     default_setup(cfg, args)
+    # default_setup configures the "detectron2" and "fvcore" loggers; ours (teacher load report,
+    # first-step distillation terms) go to the same console and log file.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="tbd")
     return cfg
 
 

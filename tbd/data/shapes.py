@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "cross", "ring")
 # Bump when the generator's output changes, so old caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,12 @@ class ShapesSpec:
     num_images: int
     seed: int
     image_size: int = 128
-    max_objects: int = 8
-    min_size: int = 6
+    max_objects: int = 6
+    min_size: int = 10
     max_size: int = 64
-    min_visible: float = 0.35
+    min_visible: float = 0.5
+    max_clutter_lines: int = 3  # distractor lines per image: uniform in [min(2, max), max]
+    max_noise: float = 20.0  # std of the background noise: uniform in [min(10, max), max]
     version: int = GENERATOR_VERSION
 
     def digest(self) -> str:
@@ -61,20 +63,22 @@ def default_root() -> Path:
     return Path(os.environ.get("DETECTRON2_DATASETS", "datasets")) / "tbd_shapes"
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, max_lines: int = 8,
+                max_noise: float = 35.0) -> np.ndarray:
     """Textured background: colour gradient + blurred noise + clutter lines and dots."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     c0, c1 = rng.uniform(30, 220, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     t = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3.0
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
-    noise = rng.normal(0, rng.uniform(10, 35), size=(size, size, 3)).astype(np.float32)
+    noise = rng.normal(0, rng.uniform(min(10.0, max_noise), max_noise), size=(size, size, 3))
+    noise = noise.astype(np.float32)
     ksize = int(rng.choice([1, 3, 5]))
     if ksize > 1:
         noise = cv2.GaussianBlur(noise, (ksize, ksize), 0)
     img = np.clip(img + noise, 0, 255).astype(np.uint8)
     # Clutter: thin lines and small dots that are not objects.
-    for _ in range(int(rng.integers(2, 9))):
+    for _ in range(int(rng.integers(min(2, max_lines), max_lines + 1))):
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
         p2 = tuple(int(v) for v in rng.integers(0, size, 2))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
@@ -89,8 +93,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def _shape_mask(rng: np.random.Generator, cls: str, size: int, w: int, h: int) -> np.ndarray:
     """Binary mask (uint8) of one shape of class ``cls`` inside a w x h box at a random place."""
     mask = np.zeros((size, size), np.uint8)
-    x0 = int(rng.integers(-w // 4, size - 3 * w // 4 + 1))
-    y0 = int(rng.integers(-h // 4, size - 3 * h // 4 + 1))
+    # up to a quarter of the shape may fall outside the image (truncated objects)
+    x0 = int(rng.integers(-w // 4, max(size - 3 * w // 4, -w // 4) + 1))
+    y0 = int(rng.integers(-h // 4, max(size - 3 * h // 4, -h // 4) + 1))
     cx, cy = x0 + w / 2.0, y0 + h / 2.0
     if cls == "circle":
         cv2.ellipse(mask, (int(cx), int(cy)), (max(w // 2, 1), max(h // 2, 1)), 0, 0, 360, 1, -1)
@@ -119,15 +124,15 @@ def render_image(spec: ShapesSpec, index: int) -> tuple[np.ndarray, list[dict]]:
     """Render image ``index`` of a split: BGR uint8 array and its annotations (COCO bbox xywh)."""
     rng = np.random.default_rng([spec.seed, index, spec.version])
     size = spec.image_size
-    img = _background(rng, size)
+    img = _background(rng, size, spec.max_clutter_lines, spec.max_noise)
     owner = np.full((size, size), -1, np.int32)  # which object owns each pixel (occlusion)
     objects = []
     for k in range(int(rng.integers(1, spec.max_objects + 1))):
         cls_id = int(rng.integers(len(SHAPE_CLASSES)))
         scale = float(np.exp(rng.uniform(np.log(spec.min_size), np.log(spec.max_size))))
         aspect = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
-        w = max(int(round(scale * np.sqrt(aspect))), 3)
-        h = max(int(round(scale / np.sqrt(aspect))), 3)
+        w = min(max(int(round(scale * np.sqrt(aspect))), 3), size)
+        h = min(max(int(round(scale / np.sqrt(aspect))), 3), size)
         mask = _shape_mask(rng, SHAPE_CLASSES[cls_id], size, w, h).astype(bool)
         if not mask.any():
             continue

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Accuracy benchmark: baseline vs FRS vs FGD vs TBD students on the synthetic shapes dataset.
+
+    .venv/bin/python projects/TBD/benchmarks/accuracy.py \\
+        --teacher-weights output/shapes/teacher_R34_FPN128/model_final.pth --profile cpu
+
+The teacher is trained once, outside this benchmark (see projects/TBD/README.md) and passed in.
+Every student row uses the same data, schedule and evaluation; a seed changes initialisation and
+data order, not the dataset. Main rows (baseline, FRS, FGD, TBD) run with 3 seeds; ablations
+(HD only, TFD only, TBD with each other HS form) with 1 seed and are marked indicative.
+
+Each run is a ``train_net.py`` subprocess; finished runs are kept in ``runs/`` and skipped when
+the benchmark is re-run, so an interrupted benchmark resumes. Results: results.json, results.md
+and accuracy.png in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, write_results  # noqa: E402
+
+SHAPES = "projects/TBD/configs/shapes"
+METHODS = {  # method -> (config, extra overrides)
+    "baseline": (f"{SHAPES}/retinanet_R18_FPN64_student.yaml", []),
+    "frs": (f"{SHAPES}/frs_R34_to_R18.yaml", []),
+    "fgd": (f"{SHAPES}/fgd_R34_to_R18.yaml", []),
+    "tbd": (f"{SHAPES}/tbd_R34_to_R18.yaml", []),
+    "hd": (f"{SHAPES}/hd_only_R34_to_R18.yaml", []),
+    "tfd": (f"{SHAPES}/tfd_only_R34_to_R18.yaml", []),
+}
+PROFILES = {
+    # iterations per student run, main-row seeds, ablation seeds
+    "smoke": dict(iters=20, seeds=[0], ablation_seeds=[0], train="tbd_shapes_mini_train",
+                  val="tbd_shapes_mini_val"),
+    "cpu": dict(iters=600, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
+                val="tbd_shapes_val"),
+    "full": dict(iters=3000, seeds=[0, 1, 2], ablation_seeds=[0, 1, 2], train="tbd_shapes_train",
+                 val="tbd_shapes_val"),
+}
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def run_specs(profile: dict) -> list[dict]:
+    specs = []
+    for method in ("baseline", "frs", "fgd", "tbd"):
+        for seed in profile["seeds"]:
+            specs.append({"method": method, "hs_form": "harmony" if method == "tbd" else None,
+                          "seed": seed, "indicative": False})
+    for seed in profile["ablation_seeds"]:
+        specs.append({"method": "hd", "hs_form": "harmony", "seed": seed, "indicative": True})
+        specs.append({"method": "tfd", "hs_form": None, "seed": seed, "indicative": True})
+        for form in ("aligned", "consistency"):
+            specs.append({"method": "tbd", "hs_form": form, "seed": seed, "indicative": True})
+    return specs
+
+
+def run_name(spec: dict) -> str:
+    form = f"_{spec['hs_form']}" if spec["hs_form"] and spec["method"] == "tbd" else ""
+    return f"{spec['method']}{form}_s{spec['seed']}"
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+
+
+def last_eval(metrics_json: Path) -> dict:
+    """Final bbox metrics and the median s/iter from a run's metrics.json."""
+    records = [json.loads(x) for x in metrics_json.read_text().splitlines() if x.strip()]
+    evals = [r for r in records if "bbox/AP" in r]
+    times = [r["time"] for r in records if "time" in r]
+    res = {k: evals[-1].get(f"bbox/{k}") for k in METRICS} if evals else {}
+    res = {k: (None if v is None or v != v else float(v)) for k, v in res.items()}
+    res["train_s_per_iter"] = statistics.median(times) if times else None
+    return res
+
+
+def harmony(config: str, weights: str, val: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
+           "--dataset", val, "--output", str(out), *extra, "MODEL.WEIGHTS", weights]
+    sh(cmd, out.with_suffix(".log"))
+    h = json.loads((out / "harmony.json").read_text())
+    return {"harmonious_proportion": h["harmonious_proportion"],
+            "score_iou_spearman": h["score_iou_spearman"]}
+
+
+def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
+    name = run_name(spec)
+    done = runs / f"{name}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config, extra = METHODS[spec["method"]]
+    out = runs / name
+    iters = profile["iters"]
+    opts = ["SEED", str(spec["seed"]), "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", f"({int(iters * 0.8)}, {int(iters * 0.93)})",
+            "SOLVER.WARMUP_ITERS", str(min(200, iters // 5)),
+            "SOLVER.CHECKPOINT_PERIOD", str(10 * iters), "TEST.EVAL_PERIOD", "0",
+            "DATASETS.TRAIN", f"('{profile['train']}',)", "DATASETS.TEST", f"('{profile['val']}',)",
+            "OUTPUT_DIR", str(out), *extra]
+    if spec["method"] != "baseline":
+        opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
+        if spec["hs_form"]:
+            opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
+    t0 = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] training {name} ({iters} iters)", flush=True)
+    sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts],
+       runs / f"{name}.log")
+    row = {**{k: v for k, v in spec.items()}, "iters": iters, **last_eval(out / "metrics.json")}
+    row.update(harmony(config, str(out / "model_final.pth"), profile["val"], runs / f"{name}_h",
+                       []))
+    row["wall_s"] = round(time.time() - t0, 1)
+    done.write_text(json.dumps(row, indent=2))
+    (out / "model_final.pth").unlink(missing_ok=True)  # keep the folder small; rows hold results
+    return row
+
+
+def teacher_row(args, profile: dict, runs: Path) -> dict:
+    done = runs / "teacher.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    config = f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml"
+    out = runs / "teacher_eval"
+    sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, "--eval-only",
+        "DATASETS.TEST", f"('{profile['val']}',)", "MODEL.WEIGHTS", args.teacher_weights,
+        "OUTPUT_DIR", str(out)], runs / "teacher_eval.log")
+    res = json.loads((out / "eval_results.json").read_text())["bbox"]
+    row = {"method": "teacher", "hs_form": None, "seed": None, "iters": None, "indicative": False,
+           **{k: res.get(k) for k in METRICS}, "train_s_per_iter": None}
+    row.update(harmony(config, args.teacher_weights, profile["val"], runs / "teacher_h", []))
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def label(row: dict) -> str:
+    if row["method"] == "tbd" and row["hs_form"] != "harmony":
+        return f"tbd ({row['hs_form']} HS)"
+    return row["method"]
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(label(r), []).append(r)
+    out = []
+    for name, rs in groups.items():
+        agg = {"row": name, "n_seeds": len([r for r in rs if r["seed"] is not None]) or 1,
+               "indicative": rs[0]["indicative"]}
+        for k in METRICS + ["harmonious_proportion", "score_iou_spearman"]:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            agg[k] = statistics.mean(vals) if vals else None
+            agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        out.append(agg)
+    return out
+
+
+def markdown(agg: list[dict], settings: dict, pooled: float | None) -> str:
+    def cell(a, k, scale=1.0, digits=1):
+        v, s = a[k], a[k + "_std"]
+        if v is None:
+            return "n/a"
+        return f"{v * scale:.{digits}f}" + ("" if s is None else f" ± {s * scale:.{digits}f}")
+
+    lines = [f"# Accuracy benchmark ({settings['profile']} profile)", "",
+             f"Students: R18-FPN64 (2 head convs), {settings['iters']} iterations at batch 8, "
+             f"128x128, trained on {settings['train']} and evaluated on {settings['val']}. "
+             "Mean ± standard deviation (ddof 1) over seeds; rows marked * ran 1 seed and are "
+             "indicative only.", "",
+             "| row | seeds | AP | AP50 | AP75 | APs | APm | APl | harmonious % | spearman |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in agg:
+        mark = "*" if a["indicative"] else ""
+        lines.append(
+            f"| {a['row']}{mark} | {a['n_seeds']} | " + " | ".join(cell(a, k) for k in METRICS)
+            + f" | {cell(a, 'harmonious_proportion', 100)} | "
+            f"{cell(a, 'score_iou_spearman', 1, 3)} |")
+    if pooled is not None:
+        lines += ["", f"Pooled seed standard deviation of AP over the main rows: {pooled:.2f}. "
+                  f"A difference counts only above twice that ({2 * pooled:.2f} AP)."]
+    return "\n".join(lines) + "\n"
+
+
+def pooled_std(rows: list[dict]) -> float | None:
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if not r["indicative"] and r["method"] != "teacher" and r.get("AP") is not None:
+            groups.setdefault(label(r), []).append(r["AP"])
+    num = sum((len(v) - 1) * statistics.variance(v) for v in groups.values() if len(v) > 1)
+    den = sum(len(v) - 1 for v in groups.values() if len(v) > 1)
+    return (num / den) ** 0.5 if den else None
+
+
+def plot(agg: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [a["row"] + ("*" if a["indicative"] else "") for a in agg]
+    ap = [a["AP"] or 0 for a in agg]
+    err = [a["AP_std"] or 0 for a in agg]
+    fig, ax = plt.subplots(figsize=(1.1 * len(agg) + 2, 3.5))
+    ax.bar(names, ap, yerr=err, capsize=3, color=["#888" if n == "teacher" else "#4878a8"
+                                                   for n in names])
+    ax.set_ylabel("box AP (val)")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--teacher-weights", required=True)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    p.add_argument("--output", default=None, help="default results/accuracy_<profile>")
+    args = p.parse_args(argv)
+    if not Path(args.teacher_weights).is_file():
+        sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
+                 "first (projects/TBD/README.md, 'Benchmarks').")
+    profile = PROFILES[args.profile]
+    out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / f"accuracy_{args.profile}")
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows = [teacher_row(args, profile, runs)]
+    settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
+                "teacher_weights": args.teacher_weights}
+    for spec in run_specs(profile):
+        rows.append(train_student(spec, args, profile, runs))
+        agg = aggregate(rows)
+        settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
+        settings["complete"] = len(rows) == 1 + len(run_specs(profile))
+        md = markdown(agg, settings, pooled_std(rows))
+        write_results(out, "accuracy", settings, rows, md)  # incremental: resumable, inspectable
+        plot(agg, out / "accuracy.png")
+    print(markdown(aggregate(rows), settings, pooled_std(rows)))
+
+
+if __name__ == "__main__":
+    main()

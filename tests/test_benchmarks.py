@@ -1,0 +1,68 @@
+"""Benchmark helpers: the statistics they report (no timing is asserted anywhere)."""
+
+import importlib.util
+import statistics
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT
+
+BENCH = ROOT / "projects" / "TBD" / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+speed = _load("speed")
+accuracy = _load("accuracy")
+
+
+def test_bootstrap_ratio_constant_and_noisy():
+    ratio, lo, hi = speed.bootstrap_ratio(np.full(10, 3.0), [np.full(10, 1.0), np.full(10, 2.0)])
+    assert ratio == lo == hi == 1.0
+    rng = np.random.default_rng(0)
+    num = 10 + rng.normal(0, 1, 50)
+    ratio, lo, hi = speed.bootstrap_ratio(num, [np.full(50, 5.0)])
+    assert ratio == pytest.approx(np.median(num) / 5.0)
+    assert lo < ratio < hi
+
+
+def test_run_specs_cover_the_protocol():
+    specs = accuracy.run_specs(accuracy.PROFILES["cpu"])
+    main = [s for s in specs if not s["indicative"]]
+    assert sorted({s["method"] for s in main}) == ["baseline", "fgd", "frs", "tbd"]
+    assert all(len([s for s in main if s["method"] == m]) == 3 for m in ("baseline", "tbd"))
+    forms = {s["hs_form"] for s in specs if s["method"] == "tbd"}
+    assert forms == {"harmony", "aligned", "consistency"}
+    assert {accuracy.run_name(s) for s in specs} == {accuracy.run_name(s) for s in specs}
+    assert len({accuracy.run_name(s) for s in specs}) == len(specs)  # unique folders
+
+
+def _row(method, seed, ap, indicative=False, form=None):
+    row = {"method": method, "hs_form": form, "seed": seed, "indicative": indicative}
+    row.update({k: ap for k in accuracy.METRICS})
+    row.update(harmonious_proportion=0.5, score_iou_spearman=0.1)
+    return row
+
+
+def test_aggregate_and_pooled_std_hand_computed():
+    rows = [_row("teacher", None, 40.0), _row("baseline", 0, 10.0), _row("baseline", 1, 12.0),
+            _row("baseline", 2, 14.0), _row("tbd", 0, 15.0, form="harmony"),
+            _row("tbd", 1, 16.0, form="harmony"), _row("hd", 0, 11.0, True, "harmony")]
+    agg = {a["row"]: a for a in accuracy.aggregate(rows)}
+    assert agg["baseline"]["AP"] == 12.0 and agg["baseline"]["AP_std"] == 2.0
+    assert agg["hd"]["AP_std"] is None and agg["hd"]["indicative"]
+    # pooled over the main student rows: ((3-1)*4 + (2-1)*0.5) / (2 + 1)
+    expected = ((2 * 4.0 + 1 * 0.5) / 3) ** 0.5
+    assert accuracy.pooled_std(rows) == pytest.approx(expected)
+    assert statistics.stdev([15.0, 16.0]) ** 2 == pytest.approx(0.5)
+    md = accuracy.markdown(accuracy.aggregate(rows), {"profile": "cpu", "iters": 1, "train": "a",
+                                                      "val": "b"}, accuracy.pooled_std(rows))
+    assert "| hd* | 1 |" in md and "12.0 ± 2.0" in md
