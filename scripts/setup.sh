@@ -40,7 +40,8 @@ if ! "$VPY" -c "import fvcore, iopath, pycocotools, cv2, matplotlib, scipy" 2>/d
     pycocotools opencv-python-headless matplotlib scipy tqdm tabulate tensorboard
 fi
 
-if ! "$VPY" -c "import detectron2, detectron2.model_zoo, detectron2.data" 2>/dev/null; then
+if ! "$VPY" -c "import detectron2, detectron2.model_zoo, detectron2.data, detectron2.export" \
+    2>/dev/null; then
   log "installing detectron2 0.6 (pure Python, tested recipe)"
   SRC=$(mktemp -d)
   trap 'rm -rf "$SRC"' EXIT
@@ -84,6 +85,18 @@ PYEOF
       | xargs sed -i -E 's/\bnp\.(int|float|str|bool)\b/\1/g'
     # 6. the fast COCOeval is in the missing extension: default to pycocotools' COCOeval
     sed -i 's/use_fast_impl=True,/use_fast_impl=False,/' detectron2/evaluation/coco_evaluation.py
+    # 7. detectron2.export imports the caffe2 exporter (caffe2 left PyTorch) at package import,
+    #    which breaks TracingAdapter; upstream made it optional later. Same change here.
+    "$VPY" - detectron2/export/__init__.py <<'PYEOF'
+import sys
+path = sys.argv[1]
+src = open(path).read()
+old = "from .api import *\n"
+new = ("try:\n    from .api import *  # caffe2 exporter: optional (caffe2 left PyTorch)\n"
+       "except ImportError:\n    pass\n")
+assert old in src, "detectron2/export/__init__.py changed: review install edit 7"
+open(path, "w").write(src.replace(old, new, 1))
+PYEOF
     "${PIP[@]}" install --no-build-isolation .
   )
 fi
