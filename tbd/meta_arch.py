@@ -243,46 +243,18 @@ class DistillMetaArch(RetinaNet):
         assert "instances" in batched_inputs[0], "Instance annotations are missing in training!"
         # record_function scopes name each component for torch.profiler (speed benchmark);
         # they cost nothing measurable when no profiler is running.
-        with record_function("tbd.student_forward"):
-            images = self.preprocess_image(batched_inputs)
-            feats = self.backbone(images.tensor)
-            feats = [feats[f] for f in self.head_in_features]
-            logits, deltas = self.head(feats)
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        taps = self._student_taps(batched_inputs)
+        images, feats, logits, deltas, gt_instances, anchors, gt_labels, gt_boxes, matched = taps
         with record_function("tbd.student_det_loss"):
             pred_logits, pred_deltas = self._transpose_dense_predictions(
                 [logits, deltas], [self.num_classes, 4]
-            )
-            anchors = self.anchor_generator(feats)
-            gt_labels, gt_boxes, matched_idxs = self.label_anchors_with_indices(
-                anchors, gt_instances
             )
             losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
 
         if len(self.distillers) == 0:
             return losses
-        teacher = self.teacher
-        with torch.no_grad(), record_function("tbd.teacher_forward"):
-            t_feats = teacher.backbone(self._teacher_images(batched_inputs, images))
-            t_feats = [t_feats[f] for f in teacher.head_in_features]
-            t_logits, t_deltas = teacher.head(t_feats)
-        inputs = DistillInputs(
-            level_names=list(self.head_in_features),
-            student_features=feats,
-            teacher_features=t_feats,
-            student_logits=logits,
-            student_deltas=deltas,
-            teacher_logits=t_logits,
-            teacher_deltas=t_deltas,
-            anchors=anchors,
-            gt_labels=torch.stack(gt_labels),
-            matched_idxs=matched_idxs,
-            gt_instances=gt_instances,
-            num_classes=self.num_classes,
-            student_box2box=self.box2box_transform,
-            teacher_box2box=teacher.box2box_transform,
-            image_sizes=list(images.image_sizes),
-        )
+        inputs = self._distill_inputs(batched_inputs, images, feats, logits, deltas, anchors,
+                                      gt_labels, matched, gt_instances)
         it = _current_iter()
         factor = self.distill_factor(it)
         raw: dict[str, Tensor] = {}
@@ -303,6 +275,58 @@ class DistillMetaArch(RetinaNet):
         with record_function("tbd.diagnostics"):
             self._record(it, raw, diag, factor)
         return losses
+
+    def _distill_inputs(self, batched_inputs, images, feats, logits, deltas, anchors, gt_labels,
+                        matched_idxs, gt_instances) -> DistillInputs:
+        teacher = self.teacher
+        with torch.no_grad(), record_function("tbd.teacher_forward"):
+            t_feats = teacher.backbone(self._teacher_images(batched_inputs, images))
+            t_feats = [t_feats[f] for f in teacher.head_in_features]
+            t_logits, t_deltas = teacher.head(t_feats)
+        return DistillInputs(
+            level_names=list(self.head_in_features),
+            student_features=feats,
+            teacher_features=t_feats,
+            student_logits=logits,
+            student_deltas=deltas,
+            teacher_logits=t_logits,
+            teacher_deltas=t_deltas,
+            anchors=anchors,
+            gt_labels=torch.stack(gt_labels),
+            matched_idxs=matched_idxs,
+            gt_instances=gt_instances,
+            num_classes=self.num_classes,
+            student_box2box=self.box2box_transform,
+            teacher_box2box=teacher.box2box_transform,
+            image_sizes=list(images.image_sizes),
+        )
+
+    @torch.no_grad()
+    def distill_inputs(self, batched_inputs: list[dict]) -> DistillInputs:
+        """The taps of one batch (with GT instances), in the current mode, without gradient.
+
+        For analysis and visualisation tools: call it in eval mode to leave BN statistics alone.
+        """
+        if self.teacher is None:
+            raise TeacherError("distill_inputs needs a teacher (MODEL.DISTILL.TEACHER.*).")
+        images, feats, logits, deltas, gt_instances, anchors, gt_labels, _, matched = (
+            self._student_taps(batched_inputs)
+        )
+        return self._distill_inputs(batched_inputs, images, feats, logits, deltas, anchors,
+                                    gt_labels, matched, gt_instances)
+
+    def _student_taps(self, batched_inputs):
+        """Student forward (features, raw head outputs) and its anchor labelling, once."""
+        with record_function("tbd.student_forward"):
+            images = self.preprocess_image(batched_inputs)
+            feats = self.backbone(images.tensor)
+            feats = [feats[f] for f in self.head_in_features]
+            logits, deltas = self.head(feats)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        with record_function("tbd.label_anchors"):
+            anchors = self.anchor_generator(feats)
+            gt_labels, gt_boxes, matched = self.label_anchors_with_indices(anchors, gt_instances)
+        return images, feats, logits, deltas, gt_instances, anchors, gt_labels, gt_boxes, matched
 
     # ----------------------------------------------------------------------------- diagnostics
     def _record(self, it: Optional[int], raw: dict, diag: dict, factor: float) -> None:

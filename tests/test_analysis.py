@@ -81,3 +81,19 @@ def test_analyze_harmony_tool(tmp_path, tiny_datasets):
     assert stats["num_predictions"] > 0 and 0 <= stats["harmonious_proportion"] <= 1
     assert (out / "score_iou_scatter.png").stat().st_size > 0
     assert (out / "hs_heatmaps.png").stat().st_size > 0
+
+
+def test_visualize_tool(tmp_path, tiny_datasets):
+    from .conftest import tiny_distill_cfg
+
+    cfg = tiny_distill_cfg(tmp_path)
+    cfg.DATASETS.TEST = (tiny_datasets[1],)
+    spec = importlib.util.spec_from_file_location(
+        "visualize", ROOT / "projects/TBD/tools/visualize.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "vis"
+    assert tool.main(["--config-file", write_cfg(cfg, tmp_path / "d.yaml"), "--output", str(out),
+                      "--num-images", "2", "--score-thresh", "0.0"]) == 0
+    pngs = sorted(out.glob("vis_*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)
