@@ -265,3 +265,20 @@ def test_config_validation(tmp_path, key, value, match):
     node[attr[-1]] = value
     with pytest.raises(ValueError, match=match):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("form,balance", [("harmony", "fixed"), ("aligned", "dynamic"),
+                                          ("consistency", "fixed")])
+def test_every_hs_form_and_balance_trains(tmp_path, form, balance):
+    cfg = tiny_distill_cfg(tmp_path)
+    cfg.MODEL.DISTILL.HS.FORM = form
+    cfg.MODEL.DISTILL.TFD.BALANCE_MODE = balance
+    cfg.MODEL.DISTILL.HD.BG_WEIGHT = 0.5
+    m = build_model(cfg)
+    m.train()
+    with EventStorage(0):
+        losses = m(make_batch(num_images=2, empty=(1,)))
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    inputs = m.distill_inputs(make_batch(num_images=1))
+    assert inputs.teacher_probs.shape[-1] == 5 and not inputs.teacher_probs.requires_grad

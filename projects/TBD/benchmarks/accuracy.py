@@ -40,7 +40,7 @@ PROFILES = {
     # iterations per student run, main-row seeds, ablation seeds
     "smoke": dict(iters=20, seeds=[0], ablation_seeds=[0], train="tbd_shapes_mini_train",
                   val="tbd_shapes_mini_val"),
-    "cpu": dict(iters=600, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
+    "cpu": dict(iters=500, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
                 val="tbd_shapes_val"),
     "full": dict(iters=3000, seeds=[0, 1, 2], ablation_seeds=[0, 1, 2], train="tbd_shapes_train",
                  val="tbd_shapes_val"),
