@@ -98,6 +98,24 @@ def add_tbd_config(cfg: CN) -> None:
     _C.MODEL.DISTILL.FGD.TEMPERATURE = 0.5
 
 
+def load_config(config_file: str, opts: list | None = None, cpu_fallback: bool = True) -> CN:
+    """get_cfg() + add_tbd_config + a yaml + overrides; ``cuda`` falls back to cpu if absent.
+
+    Detectron2's default MODEL.DEVICE is "cuda"; the fallback lets the CPU-first configs and tools
+    run anywhere (a warning is logged by callers that care).
+    """
+    import torch
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_tbd_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    if cpu_fallback and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
 def _weight_keys(cfg: CN) -> dict[str, float]:
     d = cfg.MODEL.DISTILL
     return {

@@ -19,7 +19,7 @@ import sys
 import detectron2.utils.comm as comm
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
@@ -28,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 import tbd
 from tbd.checkpoint import StudentCheckpointer
+from tbd.config import load_config
 from tbd.data import ensure_generated, is_shapes_dataset
 
 logger = logging.getLogger("tbd.train_net")
@@ -66,10 +67,7 @@ def setup(args) -> CfgNode:
     """Config from file + command-line overrides, with Detectron2's default setup."""
     if not args.config_file or not os.path.isfile(args.config_file):
         raise SystemExit(f"--config-file {args.config_file!r}: file not found (cwd {os.getcwd()}).")
-    cfg = get_cfg()
-    tbd.add_tbd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, cpu_fallback=False)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Convenience for the CPU-first configs: Detectron2's default device is "cuda".
         logger.warning("MODEL.DEVICE=%s but CUDA is unavailable: using cpu.", cfg.MODEL.DEVICE)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import tbd
 from tbd.analysis import analyze_harmony, build_analysis_loader
 from tbd.checkpoint import StudentCheckpointer
+from tbd.config import load_config
 from tbd.data import ensure_generated, is_shapes_dataset
 
 
@@ -39,12 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = p.parse_args(argv)
 
-    cfg = get_cfg()
-    tbd.add_tbd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     if not args.teacher and not cfg.MODEL.WEIGHTS:
         sys.exit("MODEL.WEIGHTS is empty: pass the checkpoint to analyse (MODEL.WEIGHTS <file>).")
     if args.teacher:

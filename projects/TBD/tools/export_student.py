@@ -21,10 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from detectron2.config import get_cfg
-
 import tbd
 from tbd.checkpoint import ReleaseError, export_student
+from tbd.config import load_config
 
 
 def run_metadata(cfg, checkpoint: Path) -> dict:
@@ -73,10 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="release folder")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides used in training")
     args = p.parse_args(argv)
-    cfg = get_cfg()
-    tbd.add_tbd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     meta = run_metadata(cfg, Path(args.checkpoint))
     student = tbd.student_config(cfg)
     student.MODEL.WEIGHTS = ""

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 
-import tbd
 from tbd.analysis import build_analysis_loader
+from tbd.config import load_config
 from tbd.data import ensure_generated, is_shapes_dataset
 from tbd.losses.tbd import TFD, compute_harmony
 
@@ -55,12 +54,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg = get_cfg()
-    tbd.add_tbd_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.META_ARCHITECTURE != "DistillMetaArch":
         sys.exit("visualize.py needs a DistillMetaArch config (teacher and student).")
     model = build_model(cfg)
