@@ -9,9 +9,9 @@ Every student row uses the same data, schedule and evaluation; a seed changes in
 data order, not the dataset. Main rows (baseline, FRS, FGD, TBD) run with 3 seeds; ablations
 (HD only, TFD only, TBD with each other HS form) with 1 seed and are marked indicative.
 
-Each run is a ``train_net.py`` subprocess; finished runs are kept in ``runs/`` and skipped when
-the benchmark is re-run, so an interrupted benchmark resumes. Results: results.json, results.md
-and accuracy.png in the output folder.
+Each run is a ``train_net.py`` subprocess; finished runs are kept in ``--work-dir`` (checkpoints,
+logs, one json per run) and skipped when the benchmark is re-run, so an interrupted benchmark
+resumes. Results (results.json, results.md, accuracy.png) go to ``--output`` after every run.
 """
 
 from __future__ import annotations
@@ -122,7 +122,6 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
                        []))
     row["wall_s"] = round(time.time() - t0, 1)
     done.write_text(json.dumps(row, indent=2))
-    (out / "model_final.pth").unlink(missing_ok=True)  # keep the folder small; rows hold results
     return row
 
 
@@ -224,14 +223,17 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher-weights", required=True)
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    p.add_argument("--output", default=None, help="default results/accuracy_<profile>")
+    p.add_argument("--output", default=None, help="results folder (committed); default "
+                   "projects/TBD/benchmarks/results/accuracy_<profile>")
+    p.add_argument("--work-dir", default=None, help="run folders, logs and checkpoints (not "
+                   "committed); default output/benchmarks/accuracy_<profile>")
     args = p.parse_args(argv)
     if not Path(args.teacher_weights).is_file():
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
                  "first (projects/TBD/README.md, 'Benchmarks').")
     profile = PROFILES[args.profile]
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / f"accuracy_{args.profile}")
-    runs = out / "runs"
+    runs = Path(args.work_dir or ROOT / "output/benchmarks" / f"accuracy_{args.profile}")
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows = [teacher_row(args, profile, runs)]
