@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,9 +69,13 @@ def run_name(spec: dict) -> str:
     return f"{spec['method']}{form}_s{spec['seed']}"
 
 
+THREADS: dict = {}  # extra environment of the subprocesses (OMP_NUM_THREADS with --jobs > 1)
+
+
 def sh(cmd: list[str], log: Path) -> None:
+    env = {**os.environ, **THREADS}
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
@@ -227,7 +233,11 @@ def main(argv=None) -> None:
                    "projects/TBD/benchmarks/results/accuracy_<profile>")
     p.add_argument("--work-dir", default=None, help="run folders, logs and checkpoints (not "
                    "committed); default output/benchmarks/accuracy_<profile>")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel; with more than one, "
+                   "each run gets OMP_NUM_THREADS=1 (more throughput on few cores)")
     args = p.parse_args(argv)
+    if args.jobs > 1:
+        THREADS["OMP_NUM_THREADS"] = "1"
     if not Path(args.teacher_weights).is_file():
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
                  "first (projects/TBD/README.md, 'Benchmarks').")
@@ -238,15 +248,22 @@ def main(argv=None) -> None:
     t0 = time.time()
     rows = [teacher_row(args, profile, runs)]
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
-                "teacher_weights": args.teacher_weights}
-    for spec in run_specs(profile):
-        rows.append(train_student(spec, args, profile, runs))
-        agg = aggregate(rows)
-        settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
-        settings["complete"] = len(rows) == 1 + len(run_specs(profile))
-        md = markdown(agg, settings, pooled_std(rows))
-        write_results(out, "accuracy", settings, rows, md)  # incremental: resumable, inspectable
-        plot(agg, out / "accuracy.png")
+                "teacher_weights": args.teacher_weights, "jobs": args.jobs,
+                "threads_per_run": 1 if args.jobs > 1 else "torch default"}
+    specs = run_specs(profile)
+    done: dict[int, dict] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(train_student, spec, args, profile, runs): i
+                   for i, spec in enumerate(specs)}
+        for fut in as_completed(futures):
+            done[futures[fut]] = fut.result()
+            rows = rows[:1] + [done[i] for i in sorted(done)]
+            agg = aggregate(rows)
+            settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
+            settings["complete"] = len(done) == len(specs)
+            md = markdown(agg, settings, pooled_std(rows))
+            write_results(out, "accuracy", settings, rows, md)  # incremental, resumable
+            plot(agg, out / "accuracy.png")
     print(markdown(aggregate(rows), settings, pooled_std(rows)))
 
 
