@@ -137,6 +137,10 @@ class DistillMetaArch(RetinaNet):
                 f"MODEL.DISTILL.LOSSES has unknown entries {unknown}; registered: "
                 f"{sorted(k for k, _ in DISTILL_LOSS_REGISTRY)}."
             )
+        if not names:  # distillation off: a plain student, no teacher is built
+            logger.info("MODEL.DISTILL.LOSSES is empty: training the student alone.")
+            ret.update(teacher=None, distillers={})
+            return ret
         teacher, tcfg, _ = build_teacher(cfg)
         s_shapes = ret["backbone"].output_shape()
         t_shapes = teacher.backbone.output_shape()

@@ -282,3 +282,13 @@ def test_every_hs_form_and_balance_trains(tmp_path, form, balance):
     sum(losses.values()).backward()
     inputs = m.distill_inputs(make_batch(num_images=1))
     assert inputs.teacher_probs.shape[-1] == 5 and not inputs.teacher_probs.requires_grad
+
+
+def test_empty_losses_builds_no_teacher(tmp_path):
+    cfg = tiny_distill_cfg(tmp_path, losses=())
+    cfg.MODEL.DISTILL.TEACHER.CONFIG = str(tmp_path / "absent.yaml")  # never read
+    m = build_model(cfg)
+    assert m.teacher is None and len(m.distillers) == 0
+    m.train()
+    with EventStorage(0):
+        assert set(m(make_batch())) == {"loss_cls", "loss_box_reg"}

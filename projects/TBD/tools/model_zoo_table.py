@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Release the benchmark's seed-0 students and teacher, and print MODEL_ZOO.md's synthetic rows.
+
+    .venv/bin/python projects/TBD/tools/model_zoo_table.py \\
+        --results projects/TBD/benchmarks/results/accuracy_cpu/results.json \\
+        --work-dir output/benchmarks/accuracy_cpu --teacher-weights <teacher model_final.pth> \\
+        --speed projects/TBD/benchmarks/results/speed_cpu/results.json --release-dir release
+
+For each row (teacher, baseline, FRS, FGD, TBD; seed 0) it runs the export tool on the run's
+checkpoint (release files are named by their sha256) and prints a Markdown table with the columns
+of Detectron2's MODEL_ZOO.md. Train time and inference time come from the speed benchmark (one
+interleaved run, same machine); AP is the mean over seeds from the accuracy benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+SHAPES = "projects/TBD/configs/shapes"
+ROWS = [  # (row, method in results.json, config, speed row for train time, run folder)
+    ("teacher R34-FPN128", "teacher", f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml", None, None),
+    ("baseline R18-FPN64", "baseline", f"{SHAPES}/retinanet_R18_FPN64_student.yaml",
+     "student_step", "baseline_s0"),
+    ("FRS", "frs", f"{SHAPES}/frs_R34_to_R18.yaml", "frs_step", "frs_s0"),
+    ("FGD", "fgd", f"{SHAPES}/fgd_R34_to_R18.yaml", "fgd_step", "fgd_s0"),
+    ("TBD (HD + TFD)", "tbd", f"{SHAPES}/tbd_R34_to_R18.yaml", "tbd_step", "tbd_harmony_s0"),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--results", required=True)
+    p.add_argument("--work-dir", required=True)
+    p.add_argument("--teacher-weights", required=True)
+    p.add_argument("--speed", required=True)
+    p.add_argument("--release-dir", default="release")
+    args = p.parse_args(argv)
+    acc = json.loads(Path(args.results).read_text())
+    speed = {r["what"]: r for r in json.loads(Path(args.speed).read_text())["rows"]
+             if "median_ms" in r}
+    batch = json.loads(Path(args.speed).read_text())["settings"]["batch"]
+    iters = acc["settings"]["iters"]
+    base_ap = None
+    lines = ["| name | teacher | lr sched | train time (s/iter) | inference time (s/im) | "
+             "train mem (GB) | box AP | ΔAP vs baseline | model id | download |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, method, config, speed_row, run in ROWS:
+        rows = [r for r in acc["rows"] if r["method"] == method
+                and (method != "tbd" or r["hs_form"] == "harmony") and not r["indicative"]]
+        aps = [r["AP"] for r in rows if r.get("AP") is not None]
+        ap = sum(aps) / len(aps) if aps else None
+        if method == "baseline":
+            base_ap = ap
+        ckpt = (Path(args.teacher_weights) if run is None
+                else Path(args.work_dir) / run / "model_final.pth")
+        out = Path(args.release_dir) / (method if run is None else run)
+        cmd = [sys.executable, "projects/TBD/tools/export_student.py", "--config-file", config,
+               "--checkpoint", str(ckpt), "--output", str(out)]
+        release = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        release_file = Path(release.stdout.strip().splitlines()[-1]).name
+        model_id = release_file.removeprefix("model_final_").removesuffix(".pth")
+        if speed_row:
+            train = f"{speed[speed_row]['median_ms'] / 1000:.3f}"
+            mem = speed[speed_row]["peak_mem_mb"]
+            mem = "n/a" if mem is None else f"{mem / 1024:.2f}"
+        else:
+            train, mem = "n/a (see README)", "n/a"
+        infer = speed["stock_inference"]["median_ms"] / 1000
+        delta = "-" if ap is None or base_ap is None or method in ("teacher", "baseline") else (
+            f"{ap - base_ap:+.1f}")
+        sched = "3000 it" if method == "teacher" else f"{iters} it"
+        teacher = "-" if method in ("teacher", "baseline") else "R34-FPN128"
+        lines.append(
+            f"| {name} | {teacher} | {sched} | {train} | "
+            f"{'n/a' if method == 'teacher' else f'{infer:.4f}'} | {mem} | "
+            f"{'n/a' if ap is None else f'{ap:.1f}'} | {delta} | {model_id} | "
+            f"`{release_file}` \\| `{Path(release_file).stem}.json` |")
+    print("\n".join(lines))
+    print(f"\n(train time and memory: speed benchmark, batch {batch}; inference: batch 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
