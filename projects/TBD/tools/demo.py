@@ -96,7 +96,12 @@ def main() -> None:
     for r in rows:
         vals = " | ".join("n/a" if r.get(k) is None else f"{r[k]:.1f}" for k in keys)
         lines.append(f"| {r['model']} | {r['iters']} | {vals} |")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU"
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo")
+                 if x.startswith("model name")]
+        cpu = names[0] if names else cpu
+    machine = f"{cpu}, {os.cpu_count()} cores, CPU"
     header = (f"Demo on {args.val_set} ({time.strftime('%Y-%m-%d')}, {machine}, "
               f"{minutes:.1f} min). Pipeline check only: these short schedules make no accuracy "
               f"claim; see projects/TBD/benchmarks/.")
