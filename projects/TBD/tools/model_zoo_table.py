@@ -7,7 +7,8 @@
         --speed projects/TBD/benchmarks/results/speed_cpu/results.json --release-dir release
 
 For each row (teacher, baseline, FRS, FGD, TBD; seed 0) it runs the export tool on the run's
-checkpoint (release files are named by their sha256) and prints a Markdown table with the columns
+checkpoint with the run's own saved config.yaml (release files are named by their sha256) and
+prints a Markdown table with the columns
 of Detectron2's MODEL_ZOO.md. Train time and inference time come from the speed benchmark (one
 interleaved run, same machine); AP is the mean over seeds from the accuracy benchmark.
 """
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
         ckpt = (Path(args.teacher_weights) if run is None
                 else Path(args.work_dir) / run / "model_final.pth")
         out = Path(args.release_dir) / (method if run is None else run)
-        cmd = [sys.executable, "projects/TBD/tools/export_student.py", "--config-file", config,
+        run_cfg = ckpt.parent / "config.yaml"  # the full config the run trained with
+        cmd = [sys.executable, "projects/TBD/tools/export_student.py", "--config-file",
+               str(run_cfg if run_cfg.is_file() else config),
                "--checkpoint", str(ckpt), "--output", str(out)]
         release = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
         release_file = Path(release.stdout.strip().splitlines()[-1]).name
