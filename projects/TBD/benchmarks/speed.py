@@ -4,7 +4,7 @@
     .venv/bin/python projects/TBD/benchmarks/speed.py                    # CPU, shapes models
     python projects/TBD/benchmarks/speed.py --device cuda --coco         # GPU, 1333x800, batch 8
 
-In one process, the variants are timed interleaved (A B C ... A B C ...) after warm-up:
+In one process, the variants are timed interleaved after warm-up, in a shuffled order each round:
 student training step, teacher inference, TBD / FRS / FGD training steps, and student inference
 through DistillMetaArch vs stock RetinaNet. Ratios come with bootstrap 95% intervals over rounds.
 Peak memory: one subprocess per variant on CPU (the RSS high-water mark only rises), or
@@ -130,9 +130,10 @@ class Runner:
         if need_student:
             self.models["student"] = build_model(tbd.student_config(student_cfg))
         if "teacher_forward" in variants:
-            tcfg = distill_cfg(student_cfg, teacher_path, [], args.teacher_weights)
-            self.models["teacher"], _, _ = tbd.build_teacher(tcfg)
-            self.teacher_holder = build_model(tcfg)  # for its _teacher_images preprocessing
+            tcfg = distill_cfg(student_cfg, teacher_path, ["TFD"], args.teacher_weights)
+            # a DistillMetaArch only for its _teacher_images preprocessing, and its teacher
+            self.teacher_holder = build_model(tcfg)
+            self.models["teacher"] = self.teacher_holder.teacher
         for v, losses in DISTILLERS.items():
             if v in variants or (v == "tbd_step" and "student_inference" in variants):
                 self.models[v] = build_model(
@@ -298,8 +299,10 @@ def main(argv=None) -> None:
     runner = Runner(args, variants)
     times = {v: [] for v in variants}
     print(f"timing {variants} interleaved: {args.warmup} warm-up + {args.reps} rounds", flush=True)
+    order_rng = np.random.default_rng(0)
     for r in range(args.warmup + args.reps):
-        for v in variants:
+        # a fresh (seeded) order every round: no variant always follows the same other one
+        for v in order_rng.permutation(variants):
             t = runner.timed(v)
             if r >= args.warmup:
                 times[v].append(t)
