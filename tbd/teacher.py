@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
@@ -187,6 +186,5 @@ def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, TeacherLoadReport |
     return freeze(model), tcfg, report
 
 
-@torch.no_grad()
 def teacher_is_frozen(model: nn.Module) -> bool:
     return not model.training and not any(p.requires_grad for p in model.parameters())

@@ -28,8 +28,7 @@ def test_teacher_frozen_and_out_of_tree(model):
     assert all(n.startswith(("backbone.", "head.", "distillers.")) for n in names)
     assert not any("teacher" in k for k in model.state_dict())
     # the student keeps stock RetinaNet parameter names
-    stock = build_model(tbd.student_config(model_cfg := tiny_retinanet_cfg()))
-    del model_cfg
+    stock = build_model(tbd.student_config(tiny_retinanet_cfg()))
     student_keys = {k for k in model.state_dict() if not k.startswith("distillers.")}
     assert student_keys == set(stock.state_dict())
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.registry import Registry
@@ -121,6 +120,3 @@ class DistillInputs:
                     out[n] = iou.float().amax(dim=1)
             return out
 
-
-def level_shapes(shapes: dict[str, ShapeSpec], names: list[str]) -> list[ShapeSpec]:
-    return [shapes[n] for n in names]

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from common import ROOT, git_commit, write_results  # noqa: E402
 
 SHAPES = "projects/TBD/configs/shapes"
 METHODS = {  # method -> (config, extra overrides)
@@ -123,7 +123,7 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] training {name} ({iters} iters)", flush=True)
     sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts],
        runs / f"{name}.log")
-    row = {**{k: v for k, v in spec.items()}, "iters": iters, **last_eval(out / "metrics.json")}
+    row = {**spec, "iters": iters, **last_eval(out / "metrics.json")}
     row.update(harmony(config, str(out / "model_final.pth"), profile["val"], runs / f"{name}_h",
                        []))
     row["wall_s"] = round(time.time() - t0, 1)
@@ -246,6 +246,7 @@ def main(argv=None) -> None:
     runs = Path(args.work_dir or ROOT / "output/benchmarks" / f"accuracy_{args.profile}")
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    commit = git_commit()  # the code this invocation runs, even if commits land meanwhile
     rows = [teacher_row(args, profile, runs)]
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
                 "teacher_weights": args.teacher_weights, "jobs": args.jobs,
@@ -262,7 +263,7 @@ def main(argv=None) -> None:
             settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
             settings["complete"] = len(done) == len(specs)
             md = markdown(agg, settings, pooled_std(rows))
-            write_results(out, "accuracy", settings, rows, md)  # incremental, resumable
+            write_results(out, "accuracy", settings, rows, md, commit)  # incremental
             plot(agg, out / "accuracy.png")
     print(markdown(aggregate(rows), settings, pooled_std(rows)))
 

@@ -47,14 +47,17 @@ def command_line() -> str:
 
 
 def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict],
-                  markdown: str) -> None:
-    """results.json (BENCHMARKS.md format) and results.md, written atomically."""
+                  markdown: str, commit: str | None = None) -> None:
+    """results.json (BENCHMARKS.md format) and results.md, written atomically.
+
+    ``commit``: the commit the run started from (default: the current one).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": benchmark,
         "command": command_line(),
         "date": time.strftime("%Y-%m-%d"),
-        "git_commit": git_commit(),
+        "git_commit": commit or git_commit(),
         "machine": machine_info(),
         "settings": settings,
         "rows": rows,
