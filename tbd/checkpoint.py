@@ -1,4 +1,9 @@
-"""Checkpoint helpers: student-only loading, and model-zoo-style release files.
+"""Checkpoint helpers: atomic training checkpoints, student-only loading, release files.
+
+Training checkpoints (:class:`TrainingCheckpointer`) are written to a hidden temporary file in the
+output folder, fsynced and renamed, and ``last_checkpoint`` is replaced the same way, so a process
+killed at any moment leaves the previous complete checkpoint in place; ``--resume`` picks the
+newest complete one.
 
 A release file holds the student's weights only, under stock RetinaNet keys (no teacher, no
 adapters, no optimizer state), so stock Detectron2 (``build_model`` + ``DetectionCheckpointer``)
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -48,6 +54,130 @@ class StudentCheckpointer(DetectionCheckpointer):
     def _load_model(self, checkpoint):
         checkpoint["model"] = strip_distiller_keys(checkpoint["model"])
         return super()._load_model(checkpoint)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not supported on every filesystem
+    finally:
+        os.close(fd)
+
+
+def _temporary_name(path: str) -> str:
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.tmp-{os.getpid()}")
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = _temporary_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temporaries(save_dir: str) -> list[str]:
+    """Delete partial files left by a process killed while saving; return their names."""
+    if not os.path.isdir(save_dir):
+        return []
+    stale = sorted(n for n in os.listdir(save_dir) if n.startswith(".") and ".tmp-" in n)
+    for n in stale:
+        os.unlink(os.path.join(save_dir, n))
+    if stale:
+        logger.warning("Removed %d partial file(s) of an interrupted save in %s: %s",
+                       len(stale), save_dir, stale)
+    return stale
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """True if ``path`` is a complete ``torch.save`` zip archive (its central directory reads).
+
+    A truncated file has no end-of-archive record. Files in other formats (Detectron2's .pkl) are
+    assumed complete.
+    """
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    if not path.endswith(".pth"):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return len(z.namelist()) > 0
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class TrainingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves and a resume that skips incomplete files.
+
+    Remote save folders (``scheme://``) fall back to the stock, non-atomic save.
+    """
+
+    def _local(self) -> bool:
+        return bool(self.save_dir) and "://" not in self.save_dir
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._local():
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        os.makedirs(self.save_dir, exist_ok=True)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        atomic_torch_save(data, path)
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write_text(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+
+    def get_checkpoint_file(self) -> str:
+        """The checkpoint named in ``last_checkpoint`` if complete, else the newest complete one."""
+        tagged = super().get_checkpoint_file()
+        if not self._local() or not tagged or is_complete_checkpoint(tagged):
+            return tagged
+        others = sorted(
+            (os.path.join(self.save_dir, n) for n in os.listdir(self.save_dir)
+             if n.startswith("model_") and n.endswith(".pth")),
+            key=os.path.getmtime, reverse=True,
+        )
+        for path in others:
+            if path != tagged and is_complete_checkpoint(path):
+                self.logger.warning("%s is incomplete (truncated?): resuming from %s instead.",
+                                    tagged, path)
+                return path
+        raise ReleaseError(f"{tagged} is incomplete and {self.save_dir} has no other complete "
+                           "checkpoint to resume from. Start without --resume.")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -32,6 +32,10 @@ def add_tbd_config(cfg: CN) -> None:
     # Diagnostics (mean HS, mask masses, per-level losses) are written to the event storage every
     # LOG_PERIOD iterations with one batched device-to-host copy; 0 disables them.
     _C.MODEL.DISTILL.LOG_PERIOD = 20
+    # Check every step that each distillation term is finite and stop with the term's name and a
+    # diagnosis of its inputs if not (one device-to-host copy per step, which Detectron2's metric
+    # writer already does). False leaves non-finite losses to Detectron2's own check.
+    _C.MODEL.DISTILL.CHECK_FINITE = True
 
     _C.MODEL.DISTILL.TEACHER = CN()
     # Teacher config: a yaml path (relative to the working directory) or a Detectron2 model-zoo

@@ -25,13 +25,14 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.structures import Boxes, ImageList, Instances, pairwise_iou
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.profiler import record_function
 
 from .config import resolve_warmup_iters, validate_distill_config
 from .losses import DISTILL_LOSS_REGISTRY, DistillInputs
-from .teacher import TeacherError, build_teacher, freeze
+from .teacher import TeacherError, build_teacher, freeze, teacher_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class DistillMetaArch(RetinaNet):
         stop_iter: int = -1,
         warmup_iters: int = 0,
         log_period: int = 20,
+        check_finite: bool = True,
+        teacher_fingerprint: Optional[dict] = None,
         **kwargs,
     ):
         """
@@ -109,6 +112,9 @@ class DistillMetaArch(RetinaNet):
             teacher_input_format: the teacher's INPUT.FORMAT ("BGR"/"RGB").
             start_iter, stop_iter, warmup_iters: the distillation schedule (METHOD.md section 6).
             log_period: diagnostics are written to the event storage every this many iterations.
+            check_finite: stop with the term's name when a distillation loss is not finite.
+            teacher_fingerprint: sha256 of the teacher's config and weights (checkpointed, and
+                compared on ``--resume``).
             kwargs: RetinaNet's arguments (the student).
         """
         super().__init__(**kwargs)
@@ -119,6 +125,8 @@ class DistillMetaArch(RetinaNet):
         self.stop_iter = stop_iter
         self.warmup_iters = warmup_iters
         self.log_period = log_period
+        self.check_finite = check_finite
+        self.teacher_fingerprint = teacher_fingerprint
         self._diag_buffer: dict[str, list[Tensor]] = {}
         self._logged_raw = False
         if teacher is not None:
@@ -161,6 +169,8 @@ class DistillMetaArch(RetinaNet):
             stop_iter=cfg.MODEL.DISTILL.STOP_ITER,
             warmup_iters=resolve_warmup_iters(cfg),
             log_period=cfg.MODEL.DISTILL.LOG_PERIOD,
+            check_finite=cfg.MODEL.DISTILL.CHECK_FINITE,
+            teacher_fingerprint=teacher_fingerprint(cfg, tcfg),
         )
         return ret
 
@@ -213,6 +223,21 @@ class DistillMetaArch(RetinaNet):
         return min(max((it - self.start_iter) / self.warmup_iters, 0.0), 1.0)
 
     # ----------------------------------------------------------------------------- forward
+    def _ema_update(self, name: str, value: float, initial_value: float, momentum: float = 0.9):
+        """RetinaNet's EMA loss normaliser, made global over processes.
+
+        Stock Detectron2 keeps a per-process EMA of the number of positive anchors. Here the EMA
+        follows the total over processes (as one process with the total batch would), and each
+        process divides by total / world size, so that DDP's gradient average equals the
+        single-process gradient. (A process with no positive anchors counts 1, as in stock.)
+        """
+        world = comm.get_world_size()
+        if name != "loss_normalizer" or world == 1:
+            return super()._ema_update(name, value, initial_value, momentum)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return super()._ema_update(name, float(total.item()), initial_value, momentum) / world
+
     @torch.no_grad()
     def label_anchors_with_indices(
         self, anchors: list[Boxes], gt_instances: list[Instances]
@@ -265,6 +290,7 @@ class DistillMetaArch(RetinaNet):
         diag: dict[str, Tensor] = {}
         # Distillation losses are computed in fp32, also under AMP autocast.
         with torch.autocast(device_type=self.device.type, enabled=False):
+            inputs = inputs.float()
             for name, distiller in self.distillers.items():
                 with record_function(f"tbd.distill.{name}"):
                     d_losses, d_diag = distiller(inputs)
@@ -273,12 +299,44 @@ class DistillMetaArch(RetinaNet):
                     raise KeyError(f"Distiller {name} returned duplicate loss keys {overlap}.")
                 raw.update(d_losses)
                 diag.update(d_diag)
+        if self.check_finite:
+            self._check_finite(raw, inputs, it)
         # Always multiply, never skip: every adapter takes part in every step (DDP-safe).
         for k, v in raw.items():
             losses[k] = v * factor
         with record_function("tbd.diagnostics"):
             self._record(it, raw, diag, factor)
         return losses
+
+    def _check_finite(self, raw: dict[str, Tensor], inputs: DistillInputs,
+                      it: Optional[int]) -> None:
+        """Raise FloatingPointError naming the non-finite distillation term(s) and likely cause."""
+        if not raw or bool(torch.isfinite(torch.stack([v.detach().float() for v in raw.values()]))
+                           .all()):
+            return
+        bad = [k for k, v in raw.items() if not torch.isfinite(v.detach()).all()]
+        tensors = {
+            "teacher FPN features": inputs.teacher_features,
+            "teacher head outputs": list(inputs.teacher_logits) + list(inputs.teacher_deltas),
+            "student FPN features": inputs.student_features,
+            "student head outputs": list(inputs.student_logits) + list(inputs.student_deltas),
+        }
+        nonfinite = [n for n, ts in tensors.items()
+                     if not all(bool(torch.isfinite(t).all()) for t in ts)]
+        if any(n.startswith("teacher") for n in nonfinite):
+            hint = ("the teacher produces non-finite outputs: check MODEL.DISTILL.TEACHER.WEIGHTS "
+                    "and that the teacher runs in its own precision")
+        elif nonfinite:
+            hint = ("the student diverged: lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or "
+                    "lower the weight of the term")
+        else:
+            hint = ("the inputs are finite, so the term itself overflowed: lower its weight "
+                    "(MODEL.DISTILL.*) and report it with this message")
+        raise FloatingPointError(
+            f"Distillation loss {bad} is not finite at iteration {it} "
+            f"(values {[float(raw[k].detach()) for k in bad]}). Non-finite inputs: "
+            f"{nonfinite or 'none'}; {hint}."
+        )
 
     def _distill_inputs(self, batched_inputs, images, feats, logits, deltas, anchors, gt_labels,
                         matched_idxs, gt_instances) -> DistillInputs:

@@ -8,6 +8,7 @@ fully is refused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.utils.file_io import PathManager
 from torch import nn
+
+from .checkpoint import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +188,23 @@ def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, TeacherLoadReport |
     else:
         logger.warning("Teacher has RANDOM weights (MODEL.DISTILL.TEACHER.ALLOW_RANDOM_INIT=True).")
     return freeze(model), tcfg, report
+
+
+def teacher_fingerprint(cfg: CfgNode, tcfg: CfgNode) -> dict:
+    """sha256 of the teacher's merged config (device excluded) and of its weights file.
+
+    Stored in every training checkpoint; ``--resume`` with another teacher is refused.
+    """
+    c = tcfg.clone()
+    c.defrost()
+    c.MODEL.DEVICE = ""  # resuming on another device is the same teacher
+    weights = cfg.MODEL.DISTILL.TEACHER.WEIGHTS
+    return {
+        "config": cfg.MODEL.DISTILL.TEACHER.CONFIG,
+        "config_sha256": hashlib.sha256(c.dump().encode()).hexdigest(),
+        "weights": weights,
+        "weights_sha256": sha256_file(PathManager.get_local_path(weights)) if weights else None,
+    }
 
 
 def teacher_is_frozen(model: nn.Module) -> bool:

@@ -51,6 +51,17 @@ def save_weights(model: torch.nn.Module, path: Path) -> str:
     return str(path)
 
 
+def make_teacher(folder: Path, **overrides) -> tuple[str, str, torch.nn.Module]:
+    """A tiny teacher (FPN 32, 2 convs) with random weights: (config path, weights path, model)."""
+    from detectron2.modeling import build_model
+
+    tcfg = tiny_retinanet_cfg(fpn_channels=32, num_convs=2)
+    for k, v in overrides.items():
+        tcfg.merge_from_list([k, v])
+    teacher = build_model(tcfg)
+    return write_cfg(tcfg, folder / "t.yaml"), save_weights(teacher, folder / "t.pth"), teacher
+
+
 def tiny_distill_cfg(tmp_path: Path, losses=("HD", "TFD"), teacher_weights: str = "") -> CfgNode:
     """A DistillMetaArch config: tiny student (FPN 16) and tiny teacher (FPN 32, 2 convs)."""
     teacher_cfg = tiny_retinanet_cfg(fpn_channels=32, num_convs=2)

@@ -14,7 +14,12 @@ from detectron2.utils.events import EventStorage
 import tbd
 from tbd.teacher import TeacherError, teacher_is_frozen
 
-from .conftest import make_batch, save_weights, tiny_distill_cfg, tiny_retinanet_cfg, write_cfg
+from .conftest import (
+    make_batch,
+    make_teacher,
+    tiny_distill_cfg,
+    tiny_retinanet_cfg,
+)
 
 
 @pytest.fixture
@@ -146,16 +151,8 @@ def test_diagnostics_go_to_event_storage(tmp_path):
 
 
 # ------------------------------------------------------------------ build-time validation
-def _teacher_weights(tmp_path, **overrides):
-    tcfg = tiny_retinanet_cfg(fpn_channels=32, num_convs=2)
-    for k, v in overrides.items():
-        tcfg.merge_from_list([k, v])
-    teacher = build_model(tcfg)
-    return write_cfg(tcfg, tmp_path / "t.yaml"), save_weights(teacher, tmp_path / "t.pth"), teacher
-
-
 def test_teacher_weights_load_fully(tmp_path):
-    cfg_path, w_path, teacher = _teacher_weights(tmp_path)
+    cfg_path, w_path, teacher = make_teacher(tmp_path)
     cfg = tiny_distill_cfg(tmp_path, teacher_weights=w_path)
     cfg.MODEL.DISTILL.TEACHER.CONFIG = cfg_path
     m = build_model(cfg)
@@ -167,7 +164,7 @@ def test_teacher_zoo_pkl_format_loads(tmp_path):
     """Model-zoo weights are .pkl files of numpy arrays; test that path with a local file."""
     import pickle
 
-    cfg_path, _, teacher = _teacher_weights(tmp_path)
+    cfg_path, _, teacher = make_teacher(tmp_path)
     pkl = tmp_path / "model_final_zoo.pkl"
     with open(pkl, "wb") as f:
         pickle.dump({"model": {k: v.numpy() for k, v in teacher.state_dict().items()},
@@ -181,13 +178,13 @@ def test_teacher_zoo_pkl_format_loads(tmp_path):
 
 @pytest.mark.parametrize("case", ["partial", "other_arch", "truncated", "missing"])
 def test_bad_teacher_weights_refused(tmp_path, case):
-    cfg_path, w_path, teacher = _teacher_weights(tmp_path)
+    cfg_path, w_path, teacher = make_teacher(tmp_path)
     if case == "partial":
         sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith("head.")}
         torch.save({"model": sd}, w_path)
     elif case == "other_arch":  # weights of a teacher with 64-channel FPN: shapes mismatch
         (tmp_path / "other").mkdir()
-        _, w_path, _ = _teacher_weights(tmp_path / "other", **{"MODEL.FPN.OUT_CHANNELS": "64"})
+        _, w_path, _ = make_teacher(tmp_path / "other", **{"MODEL.FPN.OUT_CHANNELS": "64"})
     elif case == "truncated":
         data = open(w_path, "rb").read()
         open(w_path, "wb").write(data[: len(data) // 2])

@@ -1,5 +1,12 @@
 """Synthetic data for demos, tests and benchmarks."""
 
+from .loader import (
+    DataError,
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    check_dataset,
+    load_train_dicts,
+)
 from .shapes import (
     SHAPE_CLASSES,
     ShapesSpec,
@@ -12,6 +19,11 @@ from .shapes import (
 )
 
 __all__ = [
+    "DataError",
+    "ResumableTrainLoader",
+    "build_resumable_train_loader",
+    "check_dataset",
+    "load_train_dicts",
     "SHAPE_CLASSES",
     "ShapesSpec",
     "ensure_generated",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -46,6 +46,13 @@ class DistillInputs:
     student_box2box: Box2BoxTransform
     teacher_box2box: Box2BoxTransform
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def float(self) -> DistillInputs:
+        """The taps in fp32 (a no-op for fp32 tensors): distillation runs in fp32, also when the
+        forward ran under autocast (bf16/fp16 features, logits and deltas)."""
+        names = ("student_features", "teacher_features", "student_logits", "student_deltas",
+                 "teacher_logits", "teacher_deltas")
+        return replace(self, **{n: [t.float() for t in getattr(self, n)] for n in names})
 
     @property
     def num_images(self) -> int:
