@@ -1,0 +1,39 @@
+"""A training run through projects/TBD/train_net.py's functions, reporting per-iteration losses
+(process 0) and what each process built. Run in-process or by tbd.engine.launch (gloo)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_and_report(cfg_path: str, report: str, dataset: tuple[str, str, str]) -> None:
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.utils import comm
+
+    name, json_file, image_root = dataset
+    if name not in DatasetCatalog.list():  # a spawned process: register the test's dataset
+        register_coco_instances(name, {}, json_file, image_root)
+    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects/TBD/train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+
+    args = train_net.argument_parser().parse_args(["--config-file", cfg_path])
+    cfg = train_net.setup(args)
+    model, dicts = train_net.prepare(cfg, args)
+    train_net.setup_outputs(cfg, args)
+    trainer = train_net.Trainer(cfg, model=model, train_dicts=dicts)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    ddp = trainer._trainer.model
+    out = {"world_size": comm.get_world_size(), "teacher_built": model.teacher is not None,
+           "find_unused_parameters": getattr(ddp, "find_unused_parameters", None)}
+    if comm.is_main_process():
+        hist = trainer.storage.histories()
+        out["losses"] = {k: [v for v, _ in hist[k].values()] for k in hist
+                         if k.startswith("loss_") or k == "total_loss"}
+    Path(f"{report}.rank{comm.get_rank()}").write_text(json.dumps(out))
