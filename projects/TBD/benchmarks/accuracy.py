@@ -44,6 +44,9 @@ PROFILES = {
                   val="tbd_shapes_mini_val"),
     "cpu": dict(iters=500, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
                 val="tbd_shapes_val"),
+    # The cpu protocol run on a GPU: its run time there, and a check that results carry over.
+    "gpu": dict(iters=500, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
+                val="tbd_shapes_val"),
     "full": dict(iters=3000, seeds=[0, 1, 2], ablation_seeds=[0, 1, 2], train="tbd_shapes_train",
                  val="tbd_shapes_val"),
 }
@@ -248,7 +251,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     commit = git_commit()  # the code this invocation runs, even if commits land meanwhile
     rows = [teacher_row(args, profile, runs)]
+    import torch
+
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "teacher_weights": args.teacher_weights, "jobs": args.jobs,
                 "threads_per_run": 1 if args.jobs > 1 else "torch default"}
     specs = run_specs(profile)

@@ -31,6 +31,9 @@ def machine_info() -> dict:
 
 
 def git_commit() -> str:
+    """HEAD (+ "-dirty"), or $TBD_GIT_COMMIT where the checkout has no .git (a copied tree)."""
+    if os.environ.get("TBD_GIT_COMMIT"):
+        return os.environ["TBD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

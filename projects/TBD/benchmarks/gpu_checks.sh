@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, within a time budget (the lent GPU machine gives one
+# session 15 minutes in all; see projects/TBD/benchmarks/README.md, "GPU").
+#
+#   bash projects/TBD/benchmarks/gpu_checks.sh TEACHER_WEIGHTS GIT_COMMIT OUT_DIR [BUDGET_S]
+#
+# Needs python3 with torch (CUDA) and detectron2 importable. In order, each stage capped so the
+# whole run ends within BUDGET_S (default 560):
+#   1. speed.py --device cuda --coco --batch 8         (the 1.05x target of a distillation step)
+#   2. amp_check.py                                    (fp16 autocast forward + AMPTrainer)
+#   3. accuracy.py --profile gpu --jobs 8              (the accuracy benchmark's GPU variant)
+#   4. speed.py --device cuda --coco --batch 8 --amp   (if time is left)
+# The synthetic datasets are generated in the background meanwhile. Results (results/*_cuda,
+# results/accuracy_gpu, per-run json of the accuracy runs) are packed into OUT_DIR/results.tgz.
+set -u
+TEACHER=$1
+export TBD_GIT_COMMIT=$2
+OUT=$3
+BUDGET=${4:-560}
+START=$SECONDS
+left() { echo $((BUDGET - (SECONDS - START))); }
+stage() { echo "=== [$((SECONDS - START)) s] $*"; }
+export PYTHONUNBUFFERED=1
+R=projects/TBD/benchmarks/results
+B=projects/TBD/benchmarks
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, detectron2; print('torch', torch.__version__, 'detectron2',
+detectron2.__version__, torch.cuda.get_device_name(0))"
+
+stage "generating the synthetic datasets in the background"
+GEN=()
+for split in tbd_shapes_train tbd_shapes_val tbd_shapes_mini_train tbd_shapes_mini_val; do
+  python3 -c "import tbd; from tbd.data import ensure_generated; ensure_generated('$split')" \
+    >"$OUT/gen_$split.log" 2>&1 &
+  GEN+=($!)
+done
+
+stage "1. speed, fp32"
+timeout $(($(left) - 380)) python3 $B/speed.py --device cuda --coco --batch 8 \
+  --output $R/speed_cuda || echo "speed fp32 failed or timed out: rc $?"
+
+stage "2. AMP check"
+wait "${GEN[@]:1}"
+timeout 120 python3 $B/amp_check.py --teacher-weights "$TEACHER" --iters 100 \
+  || echo "amp_check failed or timed out: rc $?"
+
+stage "3. accuracy, gpu profile"
+wait "${GEN[0]}"
+timeout $(($(left) - 20)) python3 $B/accuracy.py --teacher-weights "$TEACHER" --profile gpu \
+  --jobs 8 || echo "accuracy failed or timed out: rc $?"
+
+if [ "$(left)" -gt 75 ]; then
+  stage "4. speed, AMP"
+  timeout $(($(left) - 15)) python3 $B/speed.py --device cuda --coco --batch 8 --amp \
+    --output $R/speed_cuda_amp || echo "speed amp failed or timed out: rc $?"
+fi
+
+stage "packing results"
+tar czf "$OUT/results.tgz" --ignore-failed-read $R/speed_cuda $R/speed_cuda_amp $R/amp_cuda \
+  $R/accuracy_gpu output/benchmarks/accuracy_gpu/*.json output/benchmarks/accuracy_gpu/*.log \
+  2>/dev/null
+stage "done"
