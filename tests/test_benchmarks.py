@@ -41,6 +41,9 @@ def test_run_specs_cover_the_protocol():
     assert all(len([s for s in main if s["method"] == m]) == 3 for m in ("baseline", "tbd"))
     forms = {s["hs_form"] for s in specs if s["method"] == "tbd"}
     assert forms == {"harmony", "aligned", "consistency"}
+    variants = {s["variant"]: s["opts"] for s in specs if s.get("variant")}
+    assert variants["tfd_dynamic"] == ["MODEL.DISTILL.TFD.BALANCE_MODE", "dynamic"]
+    assert all(s["indicative"] for s in specs if s.get("variant"))
     assert len({accuracy.run_name(s) for s in specs}) == len(specs)  # unique folders
 
 

@@ -7,7 +7,8 @@
 The teacher is trained once, outside this benchmark (see projects/TBD/README.md) and passed in.
 Every student row uses the same data, schedule and evaluation; a seed changes initialisation and
 data order, not the dataset. Main rows (baseline, FRS, FGD, TBD) run with 3 seeds; ablations
-(HD only, TFD only, TBD with each other HS form) with 1 seed and are marked indicative.
+(HD only, TFD only, TBD with each other HS form, TBD with one weight or the balance mode changed)
+with 1 seed and are marked indicative.
 
 Each run is a ``train_net.py`` subprocess; finished runs are kept in ``--work-dir`` (checkpoints,
 logs, one json per run) and skipped when the benchmark is re-run, so an interrupted benchmark
@@ -64,10 +65,26 @@ def run_specs(profile: dict) -> list[dict]:
         specs.append({"method": "tfd", "hs_form": None, "seed": seed, "indicative": True})
         for form in ("aligned", "consistency"):
             specs.append({"method": "tbd", "hs_form": form, "seed": seed, "indicative": True})
+        for variant, opts in TBD_VARIANTS.items():
+            specs.append({"method": "tbd", "hs_form": "harmony", "variant": variant, "opts": opts,
+                          "seed": seed, "indicative": True})
     return specs
 
 
+# TBD with one default changed (indicative ablations of the weights and the balance mode), and
+# TBD with its defaults again ("defaults": a same-code reference when rows come from several
+# commits of a resumed benchmark).
+TBD_VARIANTS = {
+    "defaults": [],
+    "tfd_dynamic": ["MODEL.DISTILL.TFD.BALANCE_MODE", "dynamic"],
+    "tfd_w0.0025": ["MODEL.DISTILL.TFD.WEIGHT", "0.0025"],
+    "hd_bg0.5": ["MODEL.DISTILL.HD.BG_WEIGHT", "0.5"],
+}
+
+
 def run_name(spec: dict) -> str:
+    if spec.get("variant"):
+        return f"tbd_{spec['variant']}_s{spec['seed']}"
     form = f"_{spec['hs_form']}" if spec["hs_form"] and spec["method"] == "tbd" else ""
     return f"{spec['method']}{form}_s{spec['seed']}"
 
@@ -122,6 +139,7 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
         opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
         if spec["hs_form"]:
             opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
+        opts += spec.get("opts", [])
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] training {name} ({iters} iters)", flush=True)
     sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts],
@@ -152,6 +170,8 @@ def teacher_row(args, profile: dict, runs: Path) -> dict:
 
 
 def label(row: dict) -> str:
+    if row.get("variant"):
+        return f"tbd ({row['variant']})"
     if row["method"] == "tbd" and row["hs_form"] != "harmony":
         return f"tbd ({row['hs_form']} HS)"
     return row["method"]
