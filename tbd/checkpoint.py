@@ -74,12 +74,12 @@ def _temporary_name(path: str) -> str:
     return os.path.join(d, f".{base}.tmp-{os.getpid()}")
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+def _atomic_write(path: str, mode: str, write) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, then rename over ``path``."""
     tmp = _temporary_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -89,17 +89,13 @@ def atomic_torch_save(obj, path: str) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` that leaves either the previous file or the complete new one."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def remove_stale_temporaries(save_dir: str) -> list[str]:

@@ -41,6 +41,7 @@ import tbd
 from tbd.checkpoint import (
     StudentCheckpointer,
     TrainingCheckpointer,
+    atomic_write_text,
     is_complete_checkpoint,
 )
 from tbd.config import load_config
@@ -193,10 +194,7 @@ def _json_safe(x):
 def write_results(results, path: str) -> None:
     """Evaluation results as JSON (NaN written as null), atomically."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(dict(results)), f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_json_safe(dict(results)), indent=2))
 
 
 def main(args):
