@@ -69,3 +69,17 @@ def test_loader_state_with_other_batch_size_continues_approximately():
     next(iter(loader))
     with pytest.raises(RuntimeError, match="after iteration started"):
         loader.load_state_dict(state)
+
+
+def test_other_samplers_use_detectron2_loader(tiny_datasets):
+    from tbd.engine import DistillTrainer
+
+    from .conftest import tiny_retinanet_cfg
+
+    cfg = tiny_retinanet_cfg()
+    cfg.DATASETS.TRAIN = (tiny_datasets[0],)
+    assert isinstance(DistillTrainer.build_train_loader(cfg), ResumableTrainLoader)
+    cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+    loader = DistillTrainer.build_train_loader(cfg)
+    assert not isinstance(loader, ResumableTrainLoader)
+    assert len(next(iter(loader))) == cfg.SOLVER.IMS_PER_BATCH
