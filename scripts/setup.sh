@@ -106,8 +106,10 @@ if [ "${TBD_SKIP_DEV:-0}" != "1" ] && ! "$VPY" -c "import pytest, ruff" 2>/dev/n
   "${PIP[@]}" install "pytest>=8" "ruff>=0.6"
 fi
 
-if ! "$VPY" -c "import tbd" 2>/dev/null || \
-   [ "$("$VPY" -c 'import os, tbd; print(os.path.dirname(os.path.dirname(tbd.__file__)))')" != "$ROOT" ]; then
+# Checked from / : in the repository root, `import tbd` would find ./tbd without any install,
+# and subprocesses started elsewhere (python projects/TBD/train_net.py) would not.
+if ! (cd / && "$VPY" -c "import tbd") 2>/dev/null || \
+   [ "$(cd / && "$VPY" -c 'import os, tbd; print(os.path.dirname(os.path.dirname(tbd.__file__)))')" != "$ROOT" ]; then
   log "installing this project (editable)"
   "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"
 fi
