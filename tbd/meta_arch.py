@@ -310,11 +310,25 @@ class DistillMetaArch(RetinaNet):
 
     def _check_finite(self, raw: dict[str, Tensor], inputs: DistillInputs,
                       it: Optional[int]) -> None:
-        """Raise FloatingPointError naming the non-finite distillation term(s) and likely cause."""
-        if not raw or bool(torch.isfinite(torch.stack([v.detach().float() for v in raw.values()]))
-                           .all()):
+        """Raise FloatingPointError naming the non-finite distillation term(s) and likely cause.
+
+        With several processes the verdict is all-reduced, so every process stops at the same
+        step instead of the others waiting in the next collective until its timeout.
+        """
+        if not raw:
+            return
+        values = torch.stack([v.detach().float() for v in raw.values()])
+        flag = (~torch.isfinite(values)).any().float().reshape(1)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(flag)
+        if float(flag.item()) == 0.0:
             return
         bad = [k for k, v in raw.items() if not torch.isfinite(v.detach()).all()]
+        if not bad:
+            raise FloatingPointError(
+                f"A distillation loss is not finite at iteration {it} on another process (rank "
+                f"{comm.get_rank()} is finite); see that process's message."
+            )
         tensors = {
             "teacher FPN features": inputs.teacher_features,
             "teacher head outputs": list(inputs.teacher_logits) + list(inputs.teacher_deltas),
