@@ -10,7 +10,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from tbd.engine import launch
 
 from .conftest import make_teacher, tiny_distill_cfg, write_cfg
-from .helpers.dist_worker import train_and_report
+from .helpers.dist_worker import nonfinite_on_rank1, train_and_report
 
 # Per-iteration losses of 1 process (batch 4) and 2 processes (batch 2 each) agree within this
 # relative tolerance: only the order of floating-point sums differs (gradient all-reduce, thread
@@ -64,3 +64,11 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_datasets):
     for k, v in one["losses"].items():
         assert len(v) == 3
         np.testing.assert_allclose(two[0]["losses"][k], v, rtol=RTOL, err_msg=k)
+
+
+def test_nonfinite_term_on_one_process_stops_every_process(tmp_path):
+    cfg = tiny_distill_cfg(tmp_path)
+    launch(nonfinite_on_rank1, 2, backend="gloo", dist_url="auto", args=(cfg, str(tmp_path / "r")))
+    rank0, rank1 = ((tmp_path / f"r.rank{r}").read_text() for r in (0, 1))
+    assert "['loss_x']" in rank1 and "iteration 5" in rank1
+    assert "on another process" in rank0

@@ -37,3 +37,22 @@ def train_and_report(cfg_path: str, report: str, dataset: tuple[str, str, str]) 
         out["losses"] = {k: [v for v, _ in hist[k].values()] for k in hist
                          if k.startswith("loss_") or k == "total_loss"}
     Path(f"{report}.rank{comm.get_rank()}").write_text(json.dumps(out))
+
+
+def nonfinite_on_rank1(cfg, report: str) -> None:
+    """Rank 1 alone has a NaN distillation term: every rank must raise at the same check."""
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils import comm
+
+    from tests.conftest import make_batch
+
+    model = build_model(cfg)
+    inputs = model.distill_inputs(make_batch(2))
+    value = float("nan") if comm.get_rank() == 1 else 1.0
+    try:
+        model._check_finite({"loss_x": torch.tensor(value)}, inputs, 5)
+        msg = "no error"
+    except FloatingPointError as e:
+        msg = str(e)
+    Path(f"{report}.rank{comm.get_rank()}").write_text(msg)
