@@ -65,7 +65,7 @@ def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict
         "settings": settings,
         "rows": rows,
     }
+    from tbd.checkpoint import atomic_write_text
+
     for name, text in (("results.json", json.dumps(payload, indent=2)), ("results.md", markdown)):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(str(out_dir / name), text)
