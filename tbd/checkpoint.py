@@ -14,10 +14,10 @@ digits of its sha256, as Detectron2's model zoo does, and :func:`verify_release_
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -245,21 +245,17 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"model": {k: sd[k].detach().cpu() for k in sorted(sd)},
-                    "__author__": "TBD (tbd-detectron2)"}, tmp)
-        sha = sha256_file(tmp)
-        final = out / f"model_final_{sha[:8]}.pth"
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()  # serialised once, so the name can carry the content's sha
+    torch.save({"model": {k: sd[k].detach().cpu() for k in sorted(sd)},
+                "__author__": "TBD (tbd-detectron2)"}, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    final = out / f"model_final_{sha[:8]}.pth"
+    _atomic_write(str(final), "wb", lambda f: f.write(data))
     meta = {"file": final.name, "sha256": sha, "source_checkpoint": str(checkpoint),
             **(metadata or {})}
-    (out / f"{final.stem}.json").write_text(json.dumps(meta, indent=2))
-    (out / f"{final.stem}_config.yaml").write_text(student_cfg.dump())
+    atomic_write_text(str(out / f"{final.stem}.json"), json.dumps(meta, indent=2))
+    atomic_write_text(str(out / f"{final.stem}_config.yaml"), student_cfg.dump())
     logger.info("Released %s (%d tensors)", final, len(sd))
     return final
 
