@@ -68,3 +68,28 @@ def test_aggregate_and_pooled_std_hand_computed():
     md = accuracy.markdown(accuracy.aggregate(rows), {"profile": "cpu", "iters": 1, "train": "a",
                                                       "val": "b"}, accuracy.pooled_std(rows))
     assert "| hd* | 1 |" in md and "12.0 ± 2.0" in md
+
+
+def test_invocations_add_up_across_resumed_runs(tmp_path):
+    accuracy.record_invocation(tmp_path, "a", 60.0, 1)
+    accuracy.record_invocation(tmp_path, "b", 30.0, 1)
+    calls = accuracy.record_invocation(tmp_path, "b", 90.0, 2)  # b finished another run
+    assert [(c["started"], c["wall_s"], c["runs_finished"]) for c in calls] == [
+        ("a", 60.0, 1), ("b", 90.0, 2)]
+
+
+def test_student_runs_get_the_benchmark_teacher(tmp_path, monkeypatch):
+    cmds = []
+    monkeypatch.setattr(accuracy, "sh", lambda cmd, log: cmds.append(cmd))
+    monkeypatch.setattr(accuracy, "last_eval", lambda path: {"AP": 1.0})
+    monkeypatch.setattr(accuracy, "harmony", lambda *a: {})
+    args = type("Args", (), {"teacher_config": "t.yaml", "teacher_weights": "t.pth"})
+    profile = accuracy.PROFILES["smoke"]
+    for method in ("baseline", "tbd"):
+        spec = {"method": method, "hs_form": "harmony" if method == "tbd" else None, "seed": 0,
+                "indicative": False}
+        assert accuracy.train_student(spec, args, profile, tmp_path)["AP"] == 1.0
+    base, tbd = cmds
+    assert "MODEL.DISTILL.TEACHER.CONFIG" not in base
+    i = tbd.index("MODEL.DISTILL.TEACHER.CONFIG")
+    assert tbd[i + 1:i + 4] == ["t.yaml", "MODEL.DISTILL.TEACHER.WEIGHTS", "t.pth"]

@@ -4,7 +4,10 @@
     .venv/bin/python projects/TBD/benchmarks/accuracy.py \\
         --teacher-weights output/shapes/teacher_R34_FPN128/model_final.pth --profile cpu
 
-The teacher is trained once, outside this benchmark (see projects/TBD/README.md) and passed in.
+The teacher is trained once, outside this benchmark (see benchmarks/README.md) and passed in;
+each profile names its teacher's config (``--teacher-config`` overrides it): the smoke, cpu and
+gpu profiles the R34-FPN128 teacher (3000 iterations), the full profile the R18-FPN256 teacher
+(9000 iterations).
 Every student row uses the same data, schedule and evaluation; a seed changes initialisation and
 data order, not the dataset. Main rows (baseline, FRS, FGD, TBD) run with 3 seeds; ablations
 (HD only, TFD only, TBD with each other HS form, TBD with one weight or the balance mode changed)
@@ -12,7 +15,9 @@ with 1 seed and are marked indicative.
 
 Each run is a ``train_net.py`` subprocess; finished runs are kept in ``--work-dir`` (checkpoints,
 logs, one json per run) and skipped when the benchmark is re-run, so an interrupted benchmark
-resumes. Results (results.json, results.md, accuracy.png) go to ``--output`` after every run.
+resumes, also in another sitting: ``invocations.json`` in the work dir sums the wall time of
+every invocation, the profile's real run time. Results (results.json, results.md, accuracy.png)
+go to ``--output`` after every run.
 """
 
 from __future__ import annotations
@@ -39,17 +44,20 @@ METHODS = {  # method -> (config, extra overrides)
     "hd": (f"{SHAPES}/hd_only_R34_to_R18.yaml", []),
     "tfd": (f"{SHAPES}/tfd_only_R34_to_R18.yaml", []),
 }
+TEACHER = f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml"
 PROFILES = {
-    # iterations per student run, main-row seeds, ablation seeds
+    # iterations per student run, main-row seeds, ablation seeds, datasets, teacher config
     "smoke": dict(iters=20, seeds=[0], ablation_seeds=[0], train="tbd_shapes_mini_train",
-                  val="tbd_shapes_mini_val"),
+                  val="tbd_shapes_mini_val", teacher=TEACHER),
     "cpu": dict(iters=500, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
-                val="tbd_shapes_val"),
+                val="tbd_shapes_val", teacher=TEACHER),
     # The cpu protocol run on a GPU: its run time there, and a check that results carry over.
     "gpu": dict(iters=500, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
-                val="tbd_shapes_val"),
-    "full": dict(iters=3000, seeds=[0, 1, 2], ablation_seeds=[0, 1, 2], train="tbd_shapes_train",
-                 val="tbd_shapes_val"),
+                val="tbd_shapes_val", teacher=TEACHER),
+    # 6x the cpu schedule, with a teacher trained 3x as long as the students (the R34-FPN128
+    # teacher's 3000 iterations are not enough there: the baseline student outscores it).
+    "full": dict(iters=3000, seeds=[0, 1, 2], ablation_seeds=[0], train="tbd_shapes_train",
+                 val="tbd_shapes_val", teacher=f"{SHAPES}/retinanet_R18_FPN256_teacher.yaml"),
 }
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -136,7 +144,8 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
             "DATASETS.TRAIN", f"('{profile['train']}',)", "DATASETS.TEST", f"('{profile['val']}',)",
             "OUTPUT_DIR", str(out), *extra]
     if spec["method"] != "baseline":
-        opts += ["MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
+        opts += ["MODEL.DISTILL.TEACHER.CONFIG", args.teacher_config,
+                 "MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
         if spec["hs_form"]:
             opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
         opts += spec.get("opts", [])
@@ -156,7 +165,7 @@ def teacher_row(args, profile: dict, runs: Path) -> dict:
     done = runs / "teacher.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml"
+    config = args.teacher_config
     out = runs / "teacher_eval"
     sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, "--eval-only",
         "DATASETS.TEST", f"('{profile['val']}',)", "MODEL.WEIGHTS", args.teacher_weights,
@@ -204,7 +213,9 @@ def markdown(agg: list[dict], settings: dict, pooled: float | None) -> str:
              f"Students: R18-FPN64 (2 head convs), {settings['iters']} iterations at batch 8, "
              f"128x128, trained on {settings['train']} and evaluated on {settings['val']}. "
              "Mean ± standard deviation (ddof 1) over seeds; rows marked * ran 1 seed and are "
-             "indicative only.", "",
+             "indicative only."
+             + (f" Teacher: `{settings['teacher_config']}`." if settings.get("teacher_config")
+                else ""), "",
              "| row | seeds | AP | AP50 | AP75 | APs | APm | APl | harmonious % | spearman |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
@@ -248,9 +259,29 @@ def plot(agg: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def record_invocation(runs: Path, started: str, wall_s: float, finished_runs: int) -> list[dict]:
+    """Keep this invocation's wall time in ``runs/invocations.json``; return every invocation's.
+
+    A profile too long for one sitting is finished over several invocations (finished runs are
+    kept), so its real run time is the sum of theirs. Each counts up to its last finished run:
+    time spent on a run that was interrupted, and repeated later, is not counted.
+    """
+    from tbd.checkpoint import atomic_write_text
+
+    path = runs / "invocations.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries = [e for e in entries if e["started"] != started]
+    entries.append({"started": started, "wall_s": round(wall_s, 1),
+                    "runs_finished": finished_runs, "commit": git_commit()})
+    atomic_write_text(str(path), json.dumps(entries, indent=2))
+    return entries
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher-weights", required=True)
+    p.add_argument("--teacher-config", default=None, help="the teacher's config; default: the "
+                   "profile's teacher (PROFILES[...]['teacher'])")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     p.add_argument("--output", default=None, help="results folder (committed); default "
                    "projects/TBD/benchmarks/results/accuracy_<profile>")
@@ -265,17 +296,22 @@ def main(argv=None) -> None:
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
                  "first (projects/TBD/README.md, 'Benchmarks').")
     profile = PROFILES[args.profile]
+    args.teacher_config = args.teacher_config or profile["teacher"]
+    if not Path(args.teacher_config).is_file():
+        sys.exit(f"--teacher-config {args.teacher_config!r}: file not found.")
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / f"accuracy_{args.profile}")
     runs = Path(args.work_dir or ROOT / "output/benchmarks" / f"accuracy_{args.profile}")
     runs.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     commit = git_commit()  # the code this invocation runs, even if commits land meanwhile
     rows = [teacher_row(args, profile, runs)]
     import torch
 
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "teacher_weights": args.teacher_weights, "jobs": args.jobs,
+                "teacher_config": args.teacher_config, "teacher_weights": args.teacher_weights,
+                "jobs": args.jobs,
                 "threads_per_run": 1 if args.jobs > 1 else "torch default"}
     specs = run_specs(profile)
     done: dict[int, dict] = {}
@@ -287,6 +323,10 @@ def main(argv=None) -> None:
             rows = rows[:1] + [done[i] for i in sorted(done)]
             agg = aggregate(rows)
             settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
+            calls = record_invocation(runs, started, time.time() - t0, len(done))
+            settings["invocations"] = len(calls)
+            settings["wall_minutes_all_invocations"] = round(
+                sum(c["wall_s"] for c in calls) / 60, 1)
             settings["complete"] = len(done) == len(specs)
             md = markdown(agg, settings, pooled_std(rows))
             write_results(out, "accuracy", settings, rows, md, commit)  # incremental
