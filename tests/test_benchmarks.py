@@ -93,3 +93,17 @@ def test_student_runs_get_the_benchmark_teacher(tmp_path, monkeypatch):
     assert "MODEL.DISTILL.TEACHER.CONFIG" not in base
     i = tbd.index("MODEL.DISTILL.TEACHER.CONFIG")
     assert tbd[i + 1:i + 4] == ["t.yaml", "MODEL.DISTILL.TEACHER.WEIGHTS", "t.pth"]
+
+
+def test_teacher_curve_lists_checkpoints_in_training_order(tmp_path):
+    curve = _load("teacher_curve")
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 3000\n")
+    for name in ("model_0001999.pth", "model_0000999.pth", "model_final.pth", "other.pth"):
+        (tmp_path / name).write_bytes(b"")
+    assert [(i, p.name) for i, p in curve.checkpoints(tmp_path)] == [
+        (1000, "model_0000999.pth"), (2000, "model_0001999.pth"), (3000, "model_final.pth")]
+    (tmp_path / "model_0002999.pth").write_bytes(b"")  # final == the last periodic checkpoint
+    assert [i for i, _ in curve.checkpoints(tmp_path)] == [1000, 2000, 3000]
+    row = {"run": "r", "iters": 1000, "AP": 1.25, "AP50": 2.0, "AP75": None, "APs": 0.0,
+           "APm": 3.0}
+    assert "| r | 1000 | 1.2 | 2.0 | n/a | 0.0 | 3.0 |" in curve.markdown([row], "val")
