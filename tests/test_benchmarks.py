@@ -80,16 +80,20 @@ def test_invocations_add_up_across_resumed_runs(tmp_path):
 
 def test_student_runs_get_the_benchmark_teacher(tmp_path, monkeypatch):
     cmds = []
-    monkeypatch.setattr(accuracy, "sh", lambda cmd, log: cmds.append(cmd))
+    stale = tmp_path / "tbd_harmony_s0" / "metrics.json"
+    monkeypatch.setattr(accuracy, "sh", lambda cmd, log: cmds.append((cmd, stale.exists())))
     monkeypatch.setattr(accuracy, "last_eval", lambda path: {"AP": 1.0})
     monkeypatch.setattr(accuracy, "harmony", lambda *a: {})
     args = type("Args", (), {"teacher_config": "t.yaml", "teacher_weights": "t.pth"})
     profile = accuracy.PROFILES["smoke"]
+    stale.parent.mkdir()
+    stale.write_text("{}")  # left by an interrupted invocation
     for method in ("baseline", "tbd"):
         spec = {"method": method, "hs_form": "harmony" if method == "tbd" else None, "seed": 0,
                 "indicative": False}
         assert accuracy.train_student(spec, args, profile, tmp_path)["AP"] == 1.0
-    base, tbd = cmds
+    (base, _), (tbd, stale_seen) = cmds
+    assert not stale_seen  # the unfinished run was removed before retraining
     assert "MODEL.DISTILL.TEACHER.CONFIG" not in base
     i = tbd.index("MODEL.DISTILL.TEACHER.CONFIG")
     assert tbd[i + 1:i + 4] == ["t.yaml", "MODEL.DISTILL.TEACHER.WEIGHTS", "t.pth"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,9 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
         if spec["hs_form"]:
             opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
         opts += spec.get("opts", [])
+    if out.exists():  # an interrupted invocation's unfinished run: start it again, cleanly
+        print(f"removing the unfinished run {out}", flush=True)
+        shutil.rmtree(out)
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] training {name} ({iters} iters)", flush=True)
     sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts],
