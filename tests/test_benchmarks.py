@@ -68,6 +68,9 @@ def test_aggregate_and_pooled_std_hand_computed():
     md = accuracy.markdown(accuracy.aggregate(rows), {"profile": "cpu", "iters": 1, "train": "a",
                                                       "val": "b"}, accuracy.pooled_std(rows))
     assert "| hd* | 1 |" in md and "12.0 ± 2.0" in md
+    md = accuracy.markdown([], {"profile": "full", "iters": 1, "train": "a", "val": "b",
+                                "invocations": 2, "wall_minutes_all_invocations": 90.5}, None)
+    assert "Wall time: 90.5 min over 2 invocation(s) of the benchmark, not complete yet." in md
 
 
 def test_invocations_add_up_across_resumed_runs(tmp_path):

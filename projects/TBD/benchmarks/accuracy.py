@@ -228,6 +228,10 @@ def markdown(agg: list[dict], settings: dict, pooled: float | None) -> str:
             f"| {a['row']}{mark} | {a['n_seeds']} | " + " | ".join(cell(a, k) for k in METRICS)
             + f" | {cell(a, 'harmonious_proportion', 100)} | "
             f"{cell(a, 'score_iou_spearman', 1, 3)} |")
+    if settings.get("invocations"):
+        lines += ["", f"Wall time: {settings['wall_minutes_all_invocations']} min over "
+                  f"{settings['invocations']} invocation(s) of the benchmark"
+                  + ("." if settings.get("complete") else ", not complete yet.")]
     if pooled is not None:
         lines += ["", f"Pooled seed standard deviation of AP over the main rows: {pooled:.2f}. "
                   f"A difference counts only above twice that ({2 * pooled:.2f} AP)."]
