@@ -314,6 +314,7 @@ def main(argv=None) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     commit = git_commit()  # the code this invocation runs, even if commits land meanwhile
     rows = [teacher_row(args, profile, runs)]
+    record_invocation(runs, started, time.time() - t0, 0)
     import torch
 
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
