@@ -273,6 +273,7 @@ def record_invocation(runs: Path, started: str, wall_s: float, finished_runs: in
     A profile too long for one sitting is finished over several invocations (finished runs are
     kept), so its real run time is the sum of theirs. Each counts up to its last finished run:
     time spent on a run that was interrupted, and repeated later, is not counted.
+    ``finished_runs``: the profile's runs finished so far, by this invocation or earlier ones.
     """
     from tbd.checkpoint import atomic_write_text
 
