@@ -1,6 +1,7 @@
 """Benchmark helpers: the statistics they report (no timing is asserted anywhere)."""
 
 import importlib.util
+import json
 import statistics
 import sys
 
@@ -74,9 +75,9 @@ def test_aggregate_and_pooled_std_hand_computed():
 
 
 def test_invocations_add_up_across_resumed_runs(tmp_path):
-    accuracy.record_invocation(tmp_path, "a", 60.0, 1)
-    accuracy.record_invocation(tmp_path, "b", 30.0, 1)
-    calls = accuracy.record_invocation(tmp_path, "b", 90.0, 2)  # b finished another run
+    accuracy.record_invocation(tmp_path, "a", 60.0, 1, "c1")
+    accuracy.record_invocation(tmp_path, "b", 30.0, 1, "c2")
+    calls = accuracy.record_invocation(tmp_path, "b", 90.0, 2, "c2")  # b finished another run
     assert [(c["started"], c["wall_s"], c["runs_finished"]) for c in calls] == [
         ("a", 60.0, 1), ("b", 90.0, 2)]
 
@@ -114,3 +115,13 @@ def test_teacher_curve_lists_checkpoints_in_training_order(tmp_path):
     row = {"run": "r", "iters": 1000, "AP": 1.25, "AP50": 2.0, "AP75": None, "APs": 0.0,
            "APm": 3.0}
     assert "| r | 1000 | 1.2 | 2.0 | n/a | 0.0 | 3.0 |" in curve.markdown([row], "val")
+
+
+def test_work_dir_of_another_teacher_is_refused(tmp_path):
+    (tmp_path / "teacher.json").write_text(json.dumps(
+        {"AP": 4.8, "teacher_config": "a.yaml", "teacher_weights": "a.pth"}))
+    args = type("Args", (), {"teacher_config": "a.yaml", "teacher_weights": "a.pth"})
+    assert accuracy.teacher_row(args, accuracy.PROFILES["smoke"], tmp_path)["AP"] == 4.8
+    args.teacher_weights = "b.pth"
+    with pytest.raises(SystemExit, match="Give another --work-dir"):
+        accuracy.teacher_row(args, accuracy.PROFILES["smoke"], tmp_path)

@@ -16,7 +16,8 @@ with 1 seed and are marked indicative.
 Each run is a ``train_net.py`` subprocess; finished runs are kept in ``--work-dir`` (checkpoints,
 logs, one json per run) and skipped when the benchmark is re-run, so an interrupted benchmark
 resumes, also in another sitting: ``invocations.json`` in the work dir sums the wall time of
-every invocation, the profile's real run time. Results (results.json, results.md, accuracy.png)
+every invocation, the profile's real run time. A work dir belongs to one teacher: re-running it
+with another is refused. Results (results.json, results.md, accuracy.png)
 go to ``--output`` after every run.
 """
 
@@ -168,7 +169,13 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
 def teacher_row(args, profile: dict, runs: Path) -> dict:
     done = runs / "teacher.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        kept = (row.get("teacher_config", args.teacher_config),
+                row.get("teacher_weights", args.teacher_weights))
+        if kept != (args.teacher_config, args.teacher_weights):
+            sys.exit(f"{runs}: its runs used the teacher {kept}, not ({args.teacher_config!r}, "
+                     f"{args.teacher_weights!r}). Give another --work-dir for another teacher.")
+        return row
     config = args.teacher_config
     out = runs / "teacher_eval"
     sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, "--eval-only",
@@ -176,6 +183,7 @@ def teacher_row(args, profile: dict, runs: Path) -> dict:
         "OUTPUT_DIR", str(out)], runs / "teacher_eval.log")
     res = json.loads((out / "eval_results.json").read_text())["bbox"]
     row = {"method": "teacher", "hs_form": None, "seed": None, "iters": None, "indicative": False,
+           "teacher_config": args.teacher_config, "teacher_weights": args.teacher_weights,
            **{k: res.get(k) for k in METRICS}, "train_s_per_iter": None}
     row.update(harmony(config, args.teacher_weights, profile["val"], runs / "teacher_h", []))
     done.write_text(json.dumps(row, indent=2))
@@ -267,7 +275,8 @@ def plot(agg: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def record_invocation(runs: Path, started: str, wall_s: float, finished_runs: int) -> list[dict]:
+def record_invocation(runs: Path, started: str, wall_s: float, finished_runs: int,
+                      commit: str) -> list[dict]:
     """Keep this invocation's wall time in ``runs/invocations.json``; return every invocation's.
 
     A profile too long for one sitting is finished over several invocations (finished runs are
@@ -281,7 +290,7 @@ def record_invocation(runs: Path, started: str, wall_s: float, finished_runs: in
     entries = json.loads(path.read_text()) if path.is_file() else []
     entries = [e for e in entries if e["started"] != started]
     entries.append({"started": started, "wall_s": round(wall_s, 1),
-                    "runs_finished": finished_runs, "commit": git_commit()})
+                    "runs_finished": finished_runs, "commit": commit})
     atomic_write_text(str(path), json.dumps(entries, indent=2))
     return entries
 
@@ -315,7 +324,7 @@ def main(argv=None) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     commit = git_commit()  # the code this invocation runs, even if commits land meanwhile
     rows = [teacher_row(args, profile, runs)]
-    record_invocation(runs, started, time.time() - t0, 0)
+    record_invocation(runs, started, time.time() - t0, 0, commit)
     import torch
 
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
@@ -333,7 +342,7 @@ def main(argv=None) -> None:
             rows = rows[:1] + [done[i] for i in sorted(done)]
             agg = aggregate(rows)
             settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
-            calls = record_invocation(runs, started, time.time() - t0, len(done))
+            calls = record_invocation(runs, started, time.time() - t0, len(done), commit)
             settings["invocations"] = len(calls)
             settings["wall_minutes_all_invocations"] = round(
                 sum(c["wall_s"] for c in calls) / 60, 1)
