@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, git_commit, write_results  # noqa: E402
+from common import ROOT, eval_bbox, git_commit, run_logged, write_results  # noqa: E402
 
 SHAPES = "projects/TBD/configs/shapes"
 METHODS = {  # method -> (config, extra overrides)
@@ -103,12 +101,7 @@ THREADS: dict = {}  # extra environment of the subprocesses (OMP_NUM_THREADS wit
 
 
 def sh(cmd: list[str], log: Path) -> None:
-    env = {**os.environ, **THREADS}
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    run_logged(cmd, log, THREADS)
 
 
 def last_eval(metrics_json: Path) -> dict:
@@ -177,11 +170,8 @@ def teacher_row(args, profile: dict, runs: Path) -> dict:
                      f"{args.teacher_weights!r}). Give another --work-dir for another teacher.")
         return row
     config = args.teacher_config
-    out = runs / "teacher_eval"
-    sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, "--eval-only",
-        "DATASETS.TEST", f"('{profile['val']}',)", "MODEL.WEIGHTS", args.teacher_weights,
-        "OUTPUT_DIR", str(out)], runs / "teacher_eval.log")
-    res = json.loads((out / "eval_results.json").read_text())["bbox"]
+    res = eval_bbox(config, args.teacher_weights, profile["val"], runs / "teacher_eval",
+                    runs / "teacher_eval.log", THREADS)
     row = {"method": "teacher", "hs_form": None, "seed": None, "iters": None, "indicative": False,
            "teacher_config": args.teacher_config, "teacher_weights": args.teacher_weights,
            **{k: res.get(k) for k in METRICS}, "train_s_per_iter": None}

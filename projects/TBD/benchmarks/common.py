@@ -69,3 +69,22 @@ def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict
 
     for name, text in (("results.json", json.dumps(payload, indent=2)), ("results.md", markdown)):
         atomic_write_text(str(out_dir / name), text)
+
+
+def run_logged(cmd: list[str], log: Path, extra_env: dict | None = None) -> None:
+    """Run ``cmd`` in the repository root with its output in ``log``; raise with the log's tail."""
+    env = {**os.environ, **(extra_env or {})}
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join(Path(log).read_text().splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+
+
+def eval_bbox(config: str, weights: str, dataset: str, out: Path, log: Path,
+              extra_env: dict | None = None) -> dict:
+    """``train_net.py --eval-only`` of ``weights`` on ``dataset``: its COCO "bbox" metrics."""
+    run_logged([sys.executable, "projects/TBD/train_net.py", "--config-file", config,
+                "--eval-only", "DATASETS.TEST", f"('{dataset}',)", "MODEL.WEIGHTS", weights,
+                "OUTPUT_DIR", str(out)], log, extra_env)
+    return json.loads((out / "eval_results.json").read_text())["bbox"]

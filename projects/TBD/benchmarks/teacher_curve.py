@@ -15,15 +15,13 @@ Writes results.json and results.md to ``--output`` (relative paths: under benchm
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, git_commit, write_results  # noqa: E402
+from common import ROOT, eval_bbox, git_commit, write_results  # noqa: E402
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 
@@ -46,16 +44,9 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def evaluate(run_dir: Path, weights: Path, dataset: str, work: Path) -> dict:
     out = work / f"{run_dir.name}_{weights.stem}"
-    log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file",
-           str(run_dir / "config.yaml"), "--eval-only", "DATASETS.TEST", f"('{dataset}',)",
-           "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out)]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    res = json.loads((out / "eval_results.json").read_text())["bbox"]
+    res = eval_bbox(str(run_dir / "config.yaml"), str(weights), dataset, out,
+                    out.with_suffix(".log"))
     return {k: res.get(k) for k in METRICS}
 
 
