@@ -51,7 +51,8 @@ def test_run_specs_cover_the_protocol():
 def _row(method, seed, ap, indicative=False, form=None):
     row = {"method": method, "hs_form": form, "seed": seed, "indicative": indicative}
     row.update({k: ap for k in accuracy.METRICS})
-    row.update(harmonious_proportion=0.5, score_iou_spearman=0.1)
+    row.update(harmonious_proportion=0.5, score_iou_spearman=0.1,
+               infer_s_per_image=0.04 + 0.01 * (seed or 0))
     return row
 
 
@@ -69,9 +70,44 @@ def test_aggregate_and_pooled_std_hand_computed():
     md = accuracy.markdown(accuracy.aggregate(rows), {"profile": "cpu", "iters": 1, "train": "a",
                                                       "val": "b"}, accuracy.pooled_std(rows))
     assert "| hd* | 1 |" in md and "12.0 ± 2.0" in md
+    assert "| infer ms/img |" in md and "| 50 ± 10 |" in md  # 0.04, 0.05, 0.06 s
+    cost = {"teacher": {"total": 2.5, "backbone_fpn": 0.8, "head": 1.7},
+            "student": {"total": 0.7, "backbone_fpn": 0.6, "head": 0.1}}
+    md = accuracy.markdown([], {"profile": "cpu", "iters": 1, "train": "a", "val": "b",
+                                "gflops_per_image": cost, "jobs": 2}, None)
+    assert ("teacher 2.50 GFLOPs (backbone+FPN 0.80, head 1.70), student 0.70 (0.60, 0.10)"
+            in md and "one thread, beside another run" in md)
     md = accuracy.markdown([], {"profile": "full", "iters": 1, "train": "a", "val": "b",
                                 "invocations": 2, "wall_minutes_all_invocations": 90.5}, None)
     assert "Wall time: 90.5 min over 2 invocation(s) of the benchmark, not complete yet." in md
+
+
+def test_infer_time_is_read_from_the_evaluators_log(tmp_path):
+    log = tmp_path / "run.log"
+    assert accuracy.infer_time(log) is None  # no log (a run from before logs were kept)
+    log.write_text(
+        "[11/26 21:14:37 d2.evaluation.evaluator]: Total inference time: 0:00:28.263081 "
+        "(0.057097 s / iter per device, on 1 devices)\n"
+        "[11/26 21:14:37 d2.evaluation.evaluator]: Total inference pure compute time: 0:00:26 "
+        "(0.053068 s / iter per device, on 1 devices)\n")
+    assert accuracy.infer_time(log) == 0.053068
+
+
+def test_model_gflops_head_hand_computed():
+    from tbd.config import load_config
+
+    config = "projects/TBD/configs/shapes/retinanet_R18_FPN64_student.yaml"
+    cfg = load_config(str(ROOT / config))
+    cost = accuracy.model_gflops(str(ROOT / config))
+    # 128x128 input: P3-P7 at strides 8..128 have 16^2 + 8^2 + 4^2 + 2^2 + 1^2 = 341 positions.
+    # Per position, 3x3 convs (multiply-adds, fvcore's unit): NUM_CONVS C->C convs in each of the
+    # two subnets, then C -> A*K class logits and C -> A*4 box deltas.
+    c, k = cfg.MODEL.FPN.OUT_CHANNELS, cfg.MODEL.RETINANET.NUM_CLASSES
+    a = len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]) * len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+    assert (c, k, a, cfg.MODEL.RETINANET.NUM_CONVS) == (64, 5, 9, 2)
+    head = 341 * 9 * c * (2 * 2 * c + a * k + a * 4) / 1e9
+    assert cost["head"] == pytest.approx(head)
+    assert cost["total"] == pytest.approx(cost["backbone_fpn"] + cost["head"])
 
 
 def test_invocations_add_up_across_resumed_runs(tmp_path):

@@ -81,6 +81,29 @@ def run_logged(cmd: list[str], log: Path, extra_env: dict | None = None) -> None
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
 
 
+def model_gflops(config: str, image_size: int = 128) -> dict:
+    """fvcore's FLOP count of one ``image_size``-square image's inference forward, in GFLOPs.
+
+    Split into backbone (with the FPN) and head, as in BENCHMARKS.md's calibration; the
+    post-processing (decoding, NMS) is not counted. Random weights: FLOPs do not depend on them.
+    """
+    import torch
+    from detectron2.modeling import build_model
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    import tbd  # noqa: F401 - registers DistillMetaArch
+    from tbd.config import load_config
+
+    model = build_model(load_config(config, ["MODEL.DEVICE", "cpu"])).eval()
+    image = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+    flops = FlopCountAnalysis(model, [{"image": image}])
+    flops.unsupported_ops_warnings(False)
+    flops.uncalled_modules_warnings(False)
+    by_module = flops.by_module()  # Detectron2's wrapper names the model "model"
+    return {"total": flops.total() / 1e9, "backbone_fpn": by_module["model.backbone"] / 1e9,
+            "head": by_module["model.head"] / 1e9}
+
+
 def eval_bbox(config: str, weights: str, dataset: str, out: Path, log: Path,
               extra_env: dict | None = None) -> dict:
     """``train_net.py --eval-only`` of ``weights`` on ``dataset``: its COCO "bbox" metrics."""
