@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Mixed-precision check (GPU): DistillMetaArch under fp16 autocast and Detectron2's AMPTrainer.
 
-    python projects/TBD/benchmarks/amp_check.py --teacher-weights <teacher.pth> --iters 100
+    python projects/TBD/benchmarks/amp_check.py --teacher-weights <teacher.pth> --iters 100 \
+        [--teacher-config <its config; default: the accuracy benchmark's teacher>]
 
 1. One training forward of the TBD student (shapes configs) under ``torch.autocast("cuda",
    float16)``: every distillation term must be fp32 and finite.
@@ -28,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, git_commit, write_results  # noqa: E402
 
 CONFIG = "projects/TBD/configs/shapes/tbd_R34_to_R18.yaml"
+TEACHER_CONFIG = "projects/TBD/configs/shapes/retinanet_R18_FPN256_teacher.yaml"
 
 
-def autocast_forward(teacher_weights: str) -> dict:
+def autocast_forward(teacher_config: str, teacher_weights: str) -> dict:
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
@@ -38,7 +40,8 @@ def autocast_forward(teacher_weights: str) -> dict:
     import tbd  # noqa: F401 - registers DistillMetaArch and the datasets
     from tbd.config import load_config
 
-    cfg = load_config(CONFIG, ["MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights,
+    cfg = load_config(CONFIG, ["MODEL.DISTILL.TEACHER.CONFIG", teacher_config,
+                               "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights,
                                "MODEL.DEVICE", "cuda"])
     model = build_model(cfg).train()
     mapper = DatasetMapper(cfg, is_train=True)
@@ -50,13 +53,14 @@ def autocast_forward(teacher_weights: str) -> dict:
                 "finite": bool(torch.isfinite(v))} for k, v in losses.items()}
 
 
-def amp_training(teacher_weights: str, iters: int, out: Path) -> dict:
+def amp_training(teacher_config: str, teacher_weights: str, iters: int, out: Path) -> dict:
     run = out / "run"
     cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", CONFIG,
            "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", str(iters),
            "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", str(iters // 5),
            "DATASETS.TRAIN", "('tbd_shapes_mini_train',)",
            "DATASETS.TEST", "('tbd_shapes_mini_val',)",
+           "MODEL.DISTILL.TEACHER.CONFIG", teacher_config,
            "MODEL.DISTILL.TEACHER.WEIGHTS", teacher_weights, "OUTPUT_DIR", str(run)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     res = {"returncode": proc.returncode}
@@ -79,6 +83,7 @@ def amp_training(teacher_weights: str, iters: int, out: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher-weights", required=True)
+    p.add_argument("--teacher-config", default=TEACHER_CONFIG)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
@@ -86,10 +91,10 @@ def main(argv=None) -> int:
         sys.exit("amp_check.py needs CUDA: Detectron2's AMPTrainer is CUDA-only.")
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results/amp_cuda")
     commit = git_commit()
-    fwd = autocast_forward(args.teacher_weights)
+    fwd = autocast_forward(args.teacher_config, args.teacher_weights)
     distill = {k: v for k, v in fwd.items() if k not in ("loss_cls", "loss_box_reg")}
     fwd_ok = all(v["dtype"] == "float32" and v["finite"] for v in distill.values())
-    train = amp_training(args.teacher_weights, args.iters, out)
+    train = amp_training(args.teacher_config, args.teacher_weights, args.iters, out)
     train_ok = (train["returncode"] == 0 and train.get("losses_finite")
                 and train.get("grad_scaler_in_checkpoint"))
     rows = [{"check": "fp16 autocast forward", "passed": fwd_ok, "losses": fwd},
@@ -100,7 +105,8 @@ def main(argv=None) -> int:
           f"| AMPTrainer, {args.iters} iterations | {bool(train_ok)} | losses finite: "
           f"{train.get('losses_finite')}, grad scaler checkpointed: "
           f"{train.get('grad_scaler_in_checkpoint')}, AP {train.get('AP')} |"]
-    write_results(out, "amp_check", {"config": CONFIG, "iters": args.iters}, rows,
+    write_results(out, "amp_check", {"config": CONFIG, "teacher_config": args.teacher_config,
+                                     "iters": args.iters}, rows,
                   "\n".join(md) + "\n", commit)
     print("\n".join(md))
     return 0 if fwd_ok and train_ok else 1

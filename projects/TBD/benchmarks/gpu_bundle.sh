@@ -10,11 +10,11 @@
 # On the GPU machine, from the repository root:
 #   cp -r .gpu/site /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site \
 #     .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   bash projects/TBD/benchmarks/gpu_checks.sh .gpu/teacher_R34_FPN128.pth <commit> <out dir>
+#   bash projects/TBD/benchmarks/gpu_checks.sh .gpu/teacher_R18_FPN256.pth <commit> <out dir>
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 cd "$ROOT"
-TEACHER=${1:-output/shapes/teacher_R34_FPN128/model_final.pth}
+TEACHER=${1:-output/shapes/teacher_R18_FPN256/model_final.pth}  # the accuracy benchmark's
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/site .gpu/whl
 SP=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -31,6 +31,6 @@ import torch
 ck = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 sd = {k: v.half() if v.is_floating_point() and "running" not in k else v
       for k, v in ck["model"].items()}
-torch.save({"model": sd, "iteration": ck.get("iteration")}, ".gpu/teacher_R34_FPN128.pth")
+torch.save({"model": sd, "iteration": ck.get("iteration")}, ".gpu/teacher_R18_FPN256.pth")
 PY
 du -sh .gpu

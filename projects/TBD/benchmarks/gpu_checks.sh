@@ -4,6 +4,9 @@
 #
 #   bash projects/TBD/benchmarks/gpu_checks.sh TEACHER_WEIGHTS GIT_COMMIT OUT_DIR [BUDGET_S]
 #
+# TEACHER_WEIGHTS: the accuracy benchmark's teacher, trained to convergence (its config,
+# configs/shapes/retinanet_R18_FPN256_teacher.yaml, is amp_check.py's and accuracy.py's default).
+#
 # Needs python3 with torch (CUDA) and detectron2 importable. In order, each stage capped so the
 # whole run ends within BUDGET_S (default 560):
 #   1. speed.py --device cuda --coco --batch 8         (the 1.05x target of a distillation step)
