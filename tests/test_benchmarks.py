@@ -161,3 +161,15 @@ def test_work_dir_of_another_teacher_is_refused(tmp_path):
     args.teacher_weights = "b.pth"
     with pytest.raises(SystemExit, match="Give another --work-dir"):
         accuracy.teacher_row(args, accuracy.PROFILES["smoke"], tmp_path)
+
+
+def test_model_zoo_table_names_the_benchmarks_teacher():
+    sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
+    import model_zoo_table
+
+    shapes = "projects/TBD/configs/shapes"
+    new = {"teacher_config": f"{shapes}/retinanet_R18_FPN256_teacher.yaml"}
+    assert model_zoo_table.teacher_of(new) == ("R18-FPN256", new["teacher_config"], 9000)
+    # results from before accuracy.py recorded its teacher: the R34-FPN128 teacher
+    assert model_zoo_table.teacher_of({}) == (
+        "R34-FPN128", f"{shapes}/retinanet_R34_FPN128_teacher.yaml", 3000)

@@ -23,14 +23,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 SHAPES = "projects/TBD/configs/shapes"
+# Results written before accuracy.py recorded its teacher's config used this one.
+LEGACY_TEACHER = f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml"
 ROWS = [  # (row, method in results.json, config, speed row for train time, run folder)
-    ("teacher R34-FPN128", "teacher", f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml", None, None),
+    ("teacher", "teacher", None, None, None),  # config and name: teacher_of(results settings)
     ("baseline R18-FPN64", "baseline", f"{SHAPES}/retinanet_R18_FPN64_student.yaml",
      "student_step", "baseline_s0"),
     ("FRS", "frs", f"{SHAPES}/frs_R34_to_R18.yaml", "frs_step", "frs_s0"),
     ("FGD", "fgd", f"{SHAPES}/fgd_R34_to_R18.yaml", "fgd_step", "fgd_s0"),
     ("TBD (HD + TFD)", "tbd", f"{SHAPES}/tbd_R34_to_R18.yaml", "tbd_step", "tbd_harmony_s0"),
 ]
+
+
+def teacher_of(settings: dict) -> tuple[str, str, int]:
+    """(short name, config, training iterations) of the teacher an accuracy run distilled."""
+    from tbd.config import load_config
+
+    config = settings.get("teacher_config", LEGACY_TEACHER)
+    name = Path(config).stem.removeprefix("retinanet_").removesuffix("_teacher")
+    return name.replace("_", "-"), config, load_config(str(ROOT / config)).SOLVER.MAX_ITER
 
 
 def main(argv=None) -> int:
@@ -46,11 +57,14 @@ def main(argv=None) -> int:
              if "median_ms" in r}
     batch = json.loads(Path(args.speed).read_text())["settings"]["batch"]
     iters = acc["settings"]["iters"]
+    teacher_name, teacher_config, teacher_iters = teacher_of(acc["settings"])
     base_ap = None
     lines = ["| name | teacher | lr sched | train time (s/iter) | inference time (s/im) | "
              "train mem (GB) | box AP | ΔAP vs baseline | model id | download |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, method, config, speed_row, run in ROWS:
+        if method == "teacher":
+            name, config = f"teacher {teacher_name}", teacher_config
         rows = [r for r in acc["rows"] if r["method"] == method
                 and (method != "tbd" or r["hs_form"] == "harmony") and not r["indicative"]]
         aps = [r["AP"] for r in rows if r.get("AP") is not None]
@@ -76,8 +90,8 @@ def main(argv=None) -> int:
         infer = speed["stock_inference"]["median_ms"] / 1000
         delta = "-" if ap is None or base_ap is None or method in ("teacher", "baseline") else (
             f"{ap - base_ap:+.1f}")
-        sched = "3000 it" if method == "teacher" else f"{iters} it"
-        teacher = "-" if method in ("teacher", "baseline") else "R34-FPN128"
+        sched = f"{teacher_iters} it" if method == "teacher" else f"{iters} it"
+        teacher = "-" if method in ("teacher", "baseline") else teacher_name
         lines.append(
             f"| {name} | {teacher} | {sched} | {train} | "
             f"{'n/a' if method == 'teacher' else f'{infer:.4f}'} | {mem} | "
