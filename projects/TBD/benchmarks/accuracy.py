@@ -329,6 +329,9 @@ def main(argv=None) -> None:
                    "projects/TBD/benchmarks/results/accuracy_<profile>")
     p.add_argument("--work-dir", default=None, help="run folders, logs and checkpoints (not "
                    "committed); default output/benchmarks/accuracy_<profile>")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="main-row seeds instead "
+                   "of the profile's (e.g. 0 1 2 3 4 adds two seeds to a finished profile: its "
+                   "runs are kept; the ablations keep their seeds)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; with more than one, "
                    "each run gets OMP_NUM_THREADS=1 (more throughput on few cores)")
     args = p.parse_args(argv)
@@ -337,7 +340,9 @@ def main(argv=None) -> None:
     if not Path(args.teacher_weights).is_file():
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
                  "first (projects/TBD/README.md, 'Benchmarks').")
-    profile = PROFILES[args.profile]
+    profile = dict(PROFILES[args.profile])
+    if args.seeds:
+        profile["seeds"] = sorted(set(args.seeds))
     args.teacher_config = args.teacher_config or profile["teacher"]
     if not Path(args.teacher_config).is_file():
         sys.exit(f"--teacher-config {args.teacher_config!r}: file not found.")
