@@ -40,6 +40,9 @@ def test_run_specs_cover_the_protocol():
     main = [s for s in specs if not s["indicative"]]
     assert sorted({s["method"] for s in main}) == ["baseline", "fgd", "frs", "tbd"]
     assert all(len([s for s in main if s["method"] == m]) == 3 for m in ("baseline", "tbd"))
+    # seed-major: an interrupted profile already has every method on seed 0
+    assert [(s["method"], s["seed"]) for s in main[:5]] == [
+        ("baseline", 0), ("frs", 0), ("fgd", 0), ("tbd", 0), ("baseline", 1)]
     forms = {s["hs_form"] for s in specs if s["method"] == "tbd"}
     assert forms == {"harmony", "aligned", "consistency"}
     variants = {s["variant"]: s["opts"] for s in specs if s.get("variant")}

@@ -71,9 +71,11 @@ METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
 def run_specs(profile: dict) -> list[dict]:
+    """The runs of a profile, seed-major: every method's seed-0 run comes before any seed-1 run,
+    so a long profile stopped early (and resumed later) already compares all methods."""
     specs = []
-    for method in ("baseline", "frs", "fgd", "tbd"):
-        for seed in profile["seeds"]:
+    for seed in profile["seeds"]:
+        for method in ("baseline", "frs", "fgd", "tbd"):
             specs.append({"method": method, "hs_form": "harmony" if method == "tbd" else None,
                           "seed": seed, "indicative": False})
     for seed in profile["ablation_seeds"]:
