@@ -127,7 +127,8 @@ def test_student_runs_get_the_benchmark_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "sh", lambda cmd, log: cmds.append((cmd, stale.exists())))
     monkeypatch.setattr(accuracy, "last_eval", lambda path: {"AP": 1.0})
     monkeypatch.setattr(accuracy, "harmony", lambda *a: {})
-    args = type("Args", (), {"teacher_config": "t.yaml", "teacher_weights": "t.pth"})
+    args = type("Args", (), {"teacher_config": "t.yaml", "teacher_weights": "t.pth",
+                             "opts": ["MODEL.DISTILL.WARMUP_ITERS", "200"]})
     profile = accuracy.PROFILES["smoke"]
     stale.parent.mkdir()
     stale.write_text("{}")  # left by an interrupted invocation
@@ -140,6 +141,22 @@ def test_student_runs_get_the_benchmark_teacher(tmp_path, monkeypatch):
     assert "MODEL.DISTILL.TEACHER.CONFIG" not in base
     i = tbd.index("MODEL.DISTILL.TEACHER.CONFIG")
     assert tbd[i + 1:i + 4] == ["t.yaml", "MODEL.DISTILL.TEACHER.WEIGHTS", "t.pth"]
+    assert tbd[-2:] == ["MODEL.DISTILL.WARMUP_ITERS", "200"]  # --opts: last, so they win
+    assert "MODEL.DISTILL.WARMUP_ITERS" not in base
+
+
+def test_a_variant_runs_chosen_methods_in_its_own_folders(tmp_path):
+    specs = accuracy.run_specs(dict(accuracy.PROFILES["cpu"], seeds=[0, 1]), ("tbd",), False)
+    assert [accuracy.run_name(s) for s in specs] == ["tbd_harmony_s0", "tbd_harmony_s1"]
+    teacher = tmp_path / "t.pth"
+    teacher.write_bytes(b"")
+    base = ["--teacher-weights", str(teacher), "--opts", "MODEL.DISTILL.WARMUP_ITERS"]
+    for extra in (["200"], ["200", "MODEL.DISTILL.HS.FORM", "--work-dir", "w", "--output", "o"]):
+        with pytest.raises(SystemExit, match="KEY VALUE pairs and needs its own --work-dir"):
+            accuracy.main(base + extra)  # no folders of its own; an odd number of --opts
+    md = accuracy.markdown([], {"profile": "cpu", "iters": 1, "train": "a", "val": "b",
+                                "extra_opts": ["K", "1"]}, None)
+    assert "Every distilled run adds `K 1`." in md
 
 
 def test_teacher_curve_lists_checkpoints_in_training_order(tmp_path):

@@ -70,15 +70,18 @@ PROFILES = {
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
-def run_specs(profile: dict) -> list[dict]:
+MAIN_METHODS = ("baseline", "frs", "fgd", "tbd")
+
+
+def run_specs(profile: dict, methods: tuple = MAIN_METHODS, ablations: bool = True) -> list[dict]:
     """The runs of a profile, seed-major: every method's seed-0 run comes before any seed-1 run,
     so a long profile stopped early (and resumed later) already compares all methods."""
     specs = []
     for seed in profile["seeds"]:
-        for method in ("baseline", "frs", "fgd", "tbd"):
+        for method in methods:
             specs.append({"method": method, "hs_form": "harmony" if method == "tbd" else None,
                           "seed": seed, "indicative": False})
-    for seed in profile["ablation_seeds"]:
+    for seed in profile["ablation_seeds"] if ablations else []:
         specs.append({"method": "hd", "hs_form": "harmony", "seed": seed, "indicative": True})
         specs.append({"method": "tfd", "hs_form": None, "seed": seed, "indicative": True})
         for form in ("aligned", "consistency"):
@@ -167,7 +170,7 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
                  "MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
         if spec["hs_form"]:
             opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
-        opts += spec.get("opts", [])
+        opts += spec.get("opts", []) + args.opts
     if out.exists():  # an interrupted invocation's unfinished run: start it again, cleanly
         print(f"removing the unfinished run {out}", flush=True)
         shutil.rmtree(out)
@@ -243,7 +246,9 @@ def markdown(agg: list[dict], settings: dict, pooled: float | None) -> str:
              "Mean ± standard deviation (ddof 1) over seeds; rows marked * ran 1 seed and are "
              "indicative only."
              + (f" Teacher: `{settings['teacher_config']}`." if settings.get("teacher_config")
-                else ""), "",
+                else "")
+             + (f" Every distilled run adds `{' '.join(settings['extra_opts'])}`."
+                if settings.get("extra_opts") else ""), "",
              "| row | seeds | AP | AP50 | AP75 | APs | APm | APl | harmonious % | spearman "
              "| infer ms/img |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
@@ -334,6 +339,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="main-row seeds instead "
                    "of the profile's (e.g. 0 1 2 3 4 adds two seeds to a finished profile: its "
                    "runs are kept; the ablations keep their seeds)")
+    p.add_argument("--methods", nargs="+", choices=MAIN_METHODS, default=list(MAIN_METHODS),
+                   help="main rows to run (default: all four)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the one-seed ablation rows")
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                   help="config options added to every distilled run (a variant of the profile, "
+                   "e.g. MODEL.DISTILL.WARMUP_ITERS 200); needs its own --work-dir and --output")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel; with more than one, "
                    "each run gets OMP_NUM_THREADS=1 (more throughput on few cores)")
     args = p.parse_args(argv)
@@ -342,6 +353,9 @@ def main(argv=None) -> None:
     if not Path(args.teacher_weights).is_file():
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
                  "first (projects/TBD/README.md, 'Benchmarks').")
+    if args.opts and (len(args.opts) % 2 or not (args.work_dir and args.output)):
+        sys.exit("--opts takes KEY VALUE pairs and needs its own --work-dir and --output, so that "
+                 "the variant's runs and results do not mix with the profile's.")
     profile = dict(PROFILES[args.profile])
     if args.seeds:
         profile["seeds"] = sorted(set(args.seeds))
@@ -361,11 +375,12 @@ def main(argv=None) -> None:
     settings = {"profile": args.profile, **profile, "batch": 8, "image_size": [128, 128],
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "teacher_config": args.teacher_config, "teacher_weights": args.teacher_weights,
-                "jobs": args.jobs,
+                "jobs": args.jobs, "methods": args.methods, "ablations": not args.no_ablations,
+                "extra_opts": args.opts,
                 "threads_per_run": 1 if args.jobs > 1 else "torch default",
                 "gflops_per_image": {"teacher": model_gflops(args.teacher_config),
                                      "student": model_gflops(METHODS["baseline"][0])}}
-    specs = run_specs(profile)
+    specs = run_specs(profile, tuple(args.methods), not args.no_ablations)
     done: dict[int, dict] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_student, spec, args, profile, runs): i
