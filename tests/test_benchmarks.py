@@ -193,3 +193,29 @@ def test_model_zoo_table_names_the_benchmarks_teacher():
     # results from before accuracy.py recorded its teacher: the R34-FPN128 teacher
     assert model_zoo_table.teacher_of({}) == (
         "R34-FPN128", f"{shapes}/retinanet_R34_FPN128_teacher.yaml", 3000)
+
+
+def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch):
+    calls, written = [], []
+
+    def fake_train(spec, args, profile, runs):
+        calls.append(accuracy.run_name(spec))
+        return {**spec, "AP": 1.0}
+
+    monkeypatch.setattr(accuracy, "train_student", fake_train)
+    monkeypatch.setattr(accuracy, "teacher_row", lambda *a: {
+        "method": "teacher", "hs_form": None, "seed": None, "indicative": False, "AP": 40.0})
+    monkeypatch.setattr(accuracy, "model_gflops",
+                        lambda config: {"total": 1.0, "backbone_fpn": 0.5, "head": 0.5})
+    monkeypatch.setattr(accuracy, "plot", lambda agg, path: None)
+    monkeypatch.setattr(accuracy, "write_results",
+                        lambda out, name, settings, rows, md, commit: written.append(md))
+    (tmp_path / "tbd_harmony_s1.json").write_text("{}")  # finished by an earlier invocation
+    teacher = tmp_path / "t.pth"
+    teacher.write_bytes(b"")
+    accuracy.main(["--teacher-weights", str(teacher), "--profile", "smoke", "--seeds", "0", "1",
+                   "--methods", "baseline", "tbd", "--no-ablations", "--work-dir",
+                   str(tmp_path), "--output", str(tmp_path / "out")])
+    assert calls == ["tbd_harmony_s1", "baseline_s0", "tbd_harmony_s0", "baseline_s1"]
+    assert "| tbd | 1 |" in written[0]  # the first results.md already has the finished run
+    assert "not complete yet" in written[0] and "not complete yet" not in written[-1]

@@ -382,9 +382,12 @@ def main(argv=None) -> None:
                                      "student": model_gflops(METHODS["baseline"][0])}}
     specs = run_specs(profile, tuple(args.methods), not args.no_ablations)
     done: dict[int, dict] = {}
+    # runs finished by earlier invocations first (they only read their rows), so that results.md
+    # lists all of them from the start; then the rest in seed-major order (a stable sort)
+    order = sorted(range(len(specs)),
+                   key=lambda i: not (runs / f"{run_name(specs[i])}.json").is_file())
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(train_student, spec, args, profile, runs): i
-                   for i, spec in enumerate(specs)}
+        futures = {pool.submit(train_student, specs[i], args, profile, runs): i for i in order}
         for fut in as_completed(futures):
             done[futures[fut]] = fut.result()
             rows = rows[:1] + [done[i] for i in sorted(done)]
