@@ -195,6 +195,17 @@ def test_model_zoo_table_names_the_benchmarks_teacher():
         "R34-FPN128", f"{shapes}/retinanet_R34_FPN128_teacher.yaml", 3000)
 
 
+def test_model_zoo_table_refuses_speed_of_another_teacher():
+    sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
+    import model_zoo_table
+
+    r18 = {"teacher_config": "projects/TBD/configs/shapes/retinanet_R18_FPN256_teacher.yaml"}
+    model_zoo_table.check_same_teacher(r18, dict(r18), "speed.json")
+    model_zoo_table.check_same_teacher({}, {}, "speed.json")  # both from before the key: R34
+    with pytest.raises(SystemExit, match="speed.py --teacher-config .*R18_FPN256"):
+        model_zoo_table.check_same_teacher(r18, {}, "speed.json")
+
+
 def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch):
     calls, written = [], []
 

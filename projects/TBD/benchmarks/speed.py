@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on cuda, bf16 on cpu)")
     p.add_argument("--teacher-weights", default="", help="optional; random weights otherwise")
+    p.add_argument("--teacher-config", default=None,
+                   help="teacher config (default: the R101 3x on --coco, else the shapes "
+                        "R34-FPN128 this benchmark was first run with)")
     p.add_argument("--output", default=None, help="results folder (default results/speed_<dev>)")
     p.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--skip-memory", action="store_true")
@@ -71,6 +75,10 @@ def base_cfgs(args):
     else:
         student = load(CFG / "shapes" / "retinanet_R18_FPN64_student.yaml")
         teacher_path = CFG / "shapes" / "retinanet_R34_FPN128_teacher.yaml"
+    if args.teacher_config:
+        teacher_path = ROOT / args.teacher_config
+        if not teacher_path.is_file():
+            raise FileNotFoundError(f"--teacher-config {args.teacher_config}: no such file")
     student.MODEL.WEIGHTS = ""
     return student, teacher_path
 
@@ -278,6 +286,8 @@ def measure_memory(args, variants) -> dict[str, float]:
             cmd.append("--amp")
         if args.teacher_weights:
             cmd += ["--teacher-weights", args.teacher_weights]
+        if args.teacher_config:
+            cmd += ["--teacher-config", args.teacher_config]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in res.stdout.splitlines() if x.startswith("{")]
         if res.returncode != 0 or not line:
@@ -356,6 +366,7 @@ def main(argv=None) -> None:
     settings = {"batch": args.batch, "image_size": [h, w], "amp": args.amp, "warmup": args.warmup,
                 "reps": args.reps, "coco": args.coco,
                 "teacher_weights": args.teacher_weights or "random",
+                "teacher_config": os.path.relpath(base_cfgs(args)[1], ROOT),
                 "optimizer": "SGD lr=0 momentum 0.9 (full step timed, weights fixed)"}
     write_results(out, "speed", settings, rows, text)
 

@@ -44,6 +44,18 @@ def teacher_of(settings: dict) -> tuple[str, str, int]:
     return name.replace("_", "-"), config, load_config(str(ROOT / config)).SOLVER.MAX_ITER
 
 
+def check_same_teacher(acc_settings: dict, speed_settings: dict, speed_path: str) -> None:
+    """Refuse a table whose train times come from another teacher than its APs (results written
+    before either benchmark recorded its teacher config used the R34-FPN128 one)."""
+    acc_teacher = acc_settings.get("teacher_config", LEGACY_TEACHER)
+    speed_teacher = speed_settings.get("teacher_config", LEGACY_TEACHER)
+    if acc_teacher != speed_teacher:
+        raise SystemExit(
+            f"--speed {speed_path} timed the teacher {speed_teacher}, but --results distilled "
+            f"{acc_teacher}. Run projects/TBD/benchmarks/speed.py --teacher-config {acc_teacher} "
+            "--teacher-weights <its weights> --output <new folder> and pass that.")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--results", required=True)
@@ -53,9 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--release-dir", default="release")
     args = p.parse_args(argv)
     acc = json.loads(Path(args.results).read_text())
-    speed = {r["what"]: r for r in json.loads(Path(args.speed).read_text())["rows"]
-             if "median_ms" in r}
-    batch = json.loads(Path(args.speed).read_text())["settings"]["batch"]
+    speed_json = json.loads(Path(args.speed).read_text())
+    check_same_teacher(acc["settings"], speed_json["settings"], args.speed)
+    speed = {r["what"]: r for r in speed_json["rows"] if "median_ms" in r}
+    batch = speed_json["settings"]["batch"]
     iters = acc["settings"]["iters"]
     teacher_name, teacher_config, teacher_iters = teacher_of(acc["settings"])
     base_ap = None
