@@ -23,6 +23,8 @@ def _load(name):
 
 speed = _load("speed")
 accuracy = _load("accuracy")
+sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
+import model_zoo_table  # noqa: E402
 
 
 def test_bootstrap_ratio_constant_and_noisy():
@@ -184,9 +186,6 @@ def test_work_dir_of_another_teacher_is_refused(tmp_path):
 
 
 def test_model_zoo_table_names_the_benchmarks_teacher():
-    sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
-    import model_zoo_table
-
     shapes = "projects/TBD/configs/shapes"
     new = {"teacher_config": f"{shapes}/retinanet_R18_FPN256_teacher.yaml"}
     assert model_zoo_table.teacher_of(new) == ("R18-FPN256", new["teacher_config"], 9000)
@@ -196,9 +195,6 @@ def test_model_zoo_table_names_the_benchmarks_teacher():
 
 
 def test_model_zoo_table_refuses_speed_of_another_teacher():
-    sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
-    import model_zoo_table
-
     r18 = {"teacher_config": "projects/TBD/configs/shapes/retinanet_R18_FPN256_teacher.yaml"}
     model_zoo_table.check_same_teacher(r18, dict(r18), "speed.json")
     model_zoo_table.check_same_teacher({}, {}, "speed.json")  # both from before the key: R34

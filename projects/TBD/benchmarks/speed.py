@@ -69,18 +69,22 @@ def base_cfgs(args):
         cfg.MODEL.DEVICE = args.device
         return cfg
 
-    if args.coco:
-        student = load(CFG / "COCO-Detection" / "retinanet_R_50_FPN_1x.yaml")
-        teacher_path = CFG / "COCO-Detection" / "retinanet_R_101_FPN_3x.yaml"
-    else:
-        student = load(CFG / "shapes" / "retinanet_R18_FPN64_student.yaml")
-        teacher_path = CFG / "shapes" / "retinanet_R34_FPN128_teacher.yaml"
-    if args.teacher_config:
-        teacher_path = ROOT / args.teacher_config
-        if not teacher_path.is_file():
-            raise FileNotFoundError(f"--teacher-config {args.teacher_config}: no such file")
+    student = load(CFG / ("COCO-Detection/retinanet_R_50_FPN_1x.yaml" if args.coco
+                          else "shapes/retinanet_R18_FPN64_student.yaml"))
     student.MODEL.WEIGHTS = ""
-    return student, teacher_path
+    return student, teacher_config(args)
+
+
+def teacher_config(args) -> Path:
+    """The teacher's config: --teacher-config, else the R101 3x (--coco) or the shapes R34-FPN128
+    this benchmark was first run with."""
+    if not args.teacher_config:
+        return CFG / ("COCO-Detection/retinanet_R_101_FPN_3x.yaml" if args.coco
+                      else "shapes/retinanet_R34_FPN128_teacher.yaml")
+    path = ROOT / args.teacher_config
+    if not path.is_file():
+        raise FileNotFoundError(f"--teacher-config {args.teacher_config}: no such file")
+    return path
 
 
 def distill_cfg(student, teacher_path, losses, teacher_weights):
@@ -366,7 +370,7 @@ def main(argv=None) -> None:
     settings = {"batch": args.batch, "image_size": [h, w], "amp": args.amp, "warmup": args.warmup,
                 "reps": args.reps, "coco": args.coco,
                 "teacher_weights": args.teacher_weights or "random",
-                "teacher_config": os.path.relpath(base_cfgs(args)[1], ROOT),
+                "teacher_config": os.path.relpath(teacher_config(args), ROOT),
                 "optimizer": "SGD lr=0 momentum 0.9 (full step timed, weights fixed)"}
     write_results(out, "speed", settings, rows, text)
 
