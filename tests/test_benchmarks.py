@@ -226,3 +226,57 @@ def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch
     assert calls == ["tbd_harmony_s1", "baseline_s0", "tbd_harmony_s0", "baseline_s1"]
     assert "| tbd | 1 |" in written[0]  # the first results.md already has the finished run
     assert "not complete yet" in written[0] and "not complete yet" not in written[-1]
+
+
+def test_a_diverged_run_is_a_result_and_other_failures_stop(tmp_path, monkeypatch):
+    def sh(cmd, log):
+        log.write_text("...\nFloatingPointError: Loss became infinite or NaN at iteration=7!\n"
+                       if "1" in cmd[cmd.index("SEED") + 1] else "...\nKeyError: 'MODEL.X'\n")
+        raise RuntimeError("failed (1)")
+
+    monkeypatch.setattr(accuracy, "sh", sh)
+    args = type("Args", (), {"teacher_config": "t.yaml", "teacher_weights": "t.pth", "opts": []})
+    spec = {"method": "tbd", "hs_form": "harmony", "seed": 1, "indicative": False}
+    row = accuracy.train_student(spec, args, accuracy.PROFILES["smoke"], tmp_path)
+    assert row["failed"] == "Loss became infinite or NaN at iteration=7!"
+    assert json.loads((tmp_path / "tbd_harmony_s1.json").read_text())["failed"] == row["failed"]
+    with pytest.raises(RuntimeError, match="failed"):  # not a divergence: nothing recorded
+        accuracy.train_student(dict(spec, seed=0), args, accuracy.PROFILES["smoke"], tmp_path)
+    assert not (tmp_path / "tbd_harmony_s0.json").exists()
+    # the diverged seed is counted, listed and left out of the mean and the pooled spread
+    rows = [_row("tbd", 0, 15.0, form="harmony"), _row("tbd", 2, 17.0, form="harmony"), row,
+            _row("baseline", 0, 10.0), _row("baseline", 1, 12.0)]
+    agg = {a["row"]: a for a in accuracy.aggregate(rows)}
+    assert agg["tbd"]["n_seeds"] == 2 and agg["tbd"]["AP"] == 16.0
+    assert accuracy.pooled_std(rows) == pytest.approx(2.0 ** 0.5)  # both variances are 2
+    md = accuracy.markdown(list(agg.values()), {"profile": "cpu", "iters": 1, "train": "a",
+                                                "val": "b"}, None)
+    assert "| tbd | 2 (+1 failed) | 16.0 ± 1.4 |" in md
+    assert "- tbd, seed 1: Loss became infinite or NaN at iteration=7!" in md
+
+
+def test_a_failed_run_stops_the_benchmark_after_recording_the_others(tmp_path, monkeypatch):
+    written = []
+
+    def fake_train(spec, args, profile, runs):
+        if spec["method"] == "frs":
+            raise RuntimeError("train_net.py failed (-9)")
+        return {**spec, "AP": 1.0}
+
+    monkeypatch.setattr(accuracy, "train_student", fake_train)
+    monkeypatch.setattr(accuracy, "teacher_row", lambda *a: {
+        "method": "teacher", "hs_form": None, "seed": None, "indicative": False, "AP": 40.0})
+    monkeypatch.setattr(accuracy, "model_gflops",
+                        lambda config: {"total": 1.0, "backbone_fpn": 0.5, "head": 0.5})
+    monkeypatch.setattr(accuracy, "plot", lambda agg, path: None)
+    monkeypatch.setattr(accuracy, "write_results",
+                        lambda out, name, settings, rows, md, commit: written.append(md))
+    teacher = tmp_path / "t.pth"
+    teacher.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="1 run\\(s\\) failed: frs_s0"):
+        accuracy.main(["--teacher-weights", str(teacher), "--profile", "smoke", "--seeds", "0",
+                       "--methods", "baseline", "frs", "tbd", "--no-ablations", "--work-dir",
+                       str(tmp_path), "--output", str(tmp_path / "out")])
+    assert "| baseline | 1 |" in written[-1]  # recorded before the failure stopped it
+    # (tbd_harmony_s0 is cancelled or, if the worker had already started it, recorded)
+    assert json.loads((tmp_path / "invocations.json").read_text())[-1]["runs_finished"] >= 1

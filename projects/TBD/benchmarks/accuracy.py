@@ -17,7 +17,9 @@ logs, one json per run) and skipped when the benchmark is re-run, so an interrup
 resumes, also in another sitting: ``invocations.json`` in the work dir sums the wall time of
 every invocation, the profile's real run time. A work dir belongs to one teacher: re-running it
 with another is refused. Results (results.json, results.md, accuracy.png)
-go to ``--output`` after every run.
+go to ``--output`` after every run. A run that stops on a non-finite loss (``FloatingPointError``)
+is recorded as diverged, outside the means, and kept like a finished run (delete its json to try
+it again); any other failure stops the benchmark once the runs in progress are recorded.
 """
 
 from __future__ import annotations
@@ -141,6 +143,21 @@ def infer_time(log: Path) -> float | None:
     return float(hits[-1]) if hits else None
 
 
+DIVERGED = re.compile(r"^FloatingPointError: (.*)$", re.M)
+
+
+def divergence(log: Path) -> str | None:
+    """Why a training run stopped on a non-finite loss, from its log, or None.
+
+    Detectron2's trainer and DistillMetaArch raise ``FloatingPointError`` when a loss becomes
+    inf/NaN. With a fixed seed that is a result of the settings (it recurs on a rerun), so the
+    benchmark records it as the run's outcome; any other failure (a bad option, a killed process)
+    stops the benchmark instead.
+    """
+    hits = DIVERGED.findall(log.read_text()) if log.is_file() else []
+    return hits[-1] if hits else None
+
+
 def harmony(config: str, weights: str, val: str, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
            "--dataset", val, "--output", str(out), *extra, "MODEL.WEIGHTS", weights]
@@ -176,8 +193,18 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
         shutil.rmtree(out)
     t0 = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] training {name} ({iters} iters)", flush=True)
-    sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts],
-       runs / f"{name}.log")
+    log = runs / f"{name}.log"
+    try:
+        sh([sys.executable, "projects/TBD/train_net.py", "--config-file", config, *opts], log)
+    except RuntimeError:
+        reason = divergence(log)
+        if reason is None:
+            raise
+        # kept like a finished run (delete <name>.json to try again); its folder keeps the logs
+        print(f"[{time.strftime('%H:%M:%S')}] {name} diverged: {reason}", flush=True)
+        row = {**spec, "iters": iters, "failed": reason, "wall_s": round(time.time() - t0, 1)}
+        done.write_text(json.dumps(row, indent=2))
+        return row
     row = {**spec, "iters": iters, **last_eval(out / "metrics.json"),
            "infer_s_per_image": infer_time(runs / f"{name}.log")}
     row.update(harmony(config, str(out / "model_final.pth"), profile["val"], runs / f"{name}_h",
@@ -223,10 +250,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault(label(r), []).append(r)
     out = []
     for name, rs in groups.items():
-        agg = {"row": name, "n_seeds": len([r for r in rs if r["seed"] is not None]) or 1,
-               "indicative": rs[0]["indicative"]}
+        ok = [r for r in rs if not r.get("failed")]
+        agg = {"row": name, "n_seeds": len([r for r in ok if r["seed"] is not None]) or len(ok[:1]),
+               "indicative": rs[0]["indicative"],
+               "failed": [f"seed {r['seed']}: {r['failed']}" for r in rs if r.get("failed")]}
         for k in METRICS + ["harmonious_proportion", "score_iou_spearman", "infer_s_per_image"]:
-            vals = [r[k] for r in rs if r.get(k) is not None]
+            vals = [r[k] for r in ok if r.get(k) is not None]
             agg[k] = statistics.mean(vals) if vals else None
             agg[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         out.append(agg)
@@ -253,10 +282,15 @@ def markdown(agg: list[dict], settings: dict, pooled: float | None) -> str:
              "| infer ms/img |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in agg:
         mark = "*" if a["indicative"] else ""
+        seeds = f"{a['n_seeds']}" + (f" (+{len(a['failed'])} failed)" if a.get("failed") else "")
         lines.append(
-            f"| {a['row']}{mark} | {a['n_seeds']} | " + " | ".join(cell(a, k) for k in METRICS)
+            f"| {a['row']}{mark} | {seeds} | " + " | ".join(cell(a, k) for k in METRICS)
             + f" | {cell(a, 'harmonious_proportion', 100)} | "
             f"{cell(a, 'score_iou_spearman', 1, 3)} | {cell(a, 'infer_s_per_image', 1000, 0)} |")
+    failures = [f"- {a['row']}, {f}" for a in agg for f in a.get("failed", [])]
+    if failures:
+        lines += ["", "Runs that stopped on a non-finite loss (not in the means; their logs are "
+                  "in the work dir):", "", *failures]
     cost = settings.get("gflops_per_image")
     if cost:
         t, s = cost["teacher"], cost["student"]
@@ -293,7 +327,8 @@ def plot(agg: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [a["row"] + ("*" if a["indicative"] else "") for a in agg]
+    names = [a["row"] + ("*" if a["indicative"] else "") + ("\n(diverged)" if not a["n_seeds"]
+                                                            else "") for a in agg]
     ap = [a["AP"] or 0 for a in agg]
     err = [a["AP_std"] or 0 for a in agg]
     fig, ax = plt.subplots(figsize=(1.1 * len(agg) + 2, 3.5))
@@ -388,8 +423,17 @@ def main(argv=None) -> None:
                    key=lambda i: not (runs / f"{run_name(specs[i])}.json").is_file())
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_student, specs[i], args, profile, runs): i for i in order}
+        errors = []
         for fut in as_completed(futures):
-            done[futures[fut]] = fut.result()
+            if fut.cancelled():  # not started: an earlier run failed
+                continue
+            try:
+                done[futures[fut]] = fut.result()
+            except Exception as e:  # not a divergence: finish (and record) the runs in
+                errors.append((run_name(specs[futures[fut]]), e))  # progress, start no more
+                print(f"{errors[-1][0]} failed; the benchmark stops after the runs in progress",
+                      flush=True)
+                pool.shutdown(wait=False, cancel_futures=True)
             rows = rows[:1] + [done[i] for i in sorted(done)]
             agg = aggregate(rows)
             settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
@@ -401,6 +445,9 @@ def main(argv=None) -> None:
             md = markdown(agg, settings, pooled_std(rows))
             write_results(out, "accuracy", settings, rows, md, commit)  # incremental
             plot(agg, out / "accuracy.png")
+    if errors:
+        raise RuntimeError(f"{len(errors)} run(s) failed: {', '.join(n for n, _ in errors)}; "
+                           "see their logs in the work dir") from errors[0][1]
     print(markdown(aggregate(rows), settings, pooled_std(rows)))
 
 
