@@ -344,8 +344,19 @@ class DistillMetaArch(RetinaNet):
             hint = ("the student diverged: lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or "
                     "lower the weight of the term")
         else:
-            hint = ("the inputs are finite, so the term itself overflowed: lower its weight "
-                    "(MODEL.DISTILL.*) and report it with this message")
+            largest = {n: max((float(t.detach().abs().max()) for t in ts if t.numel()),
+                              default=0.0) for n, ts in tensors.items()}
+            sizes = ", ".join(f"{n} {v:.3g}" for n, v in largest.items())
+            student = max(v for n, v in largest.items() if n.startswith("student"))
+            teacher = max(v for n, v in largest.items() if n.startswith("teacher"))
+            if student > 1e3 * max(teacher, 1.0):  # e.g. |F_S|^2 overflows fp32 above ~1e19
+                hint = (f"the inputs are finite but the student's are huge (largest |value|: "
+                        f"{sizes}): the student is diverging; lower SOLVER.BASE_LR, enable "
+                        "SOLVER.CLIP_GRADIENTS or lower the distillation weights")
+            else:
+                hint = (f"the inputs are finite (largest |value|: {sizes}), so the term itself "
+                        "overflowed: lower its weight (MODEL.DISTILL.*) and report it with this "
+                        "message")
         raise FloatingPointError(
             f"Distillation loss {bad} is not finite at iteration {it} "
             f"(values {[float(raw[k].detach()) for k in bad]}). Non-finite inputs: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -210,6 +211,25 @@ def test_nonfinite_term_with_finite_inputs_is_named(tmp_path, monkeypatch):
     with EventStorage(0), pytest.raises(FloatingPointError) as err:
         model(make_batch(2))
     assert "['loss_tfd']" in str(err.value) and "inputs are finite" in str(err.value)
+    assert "largest |value|: teacher FPN features" in str(err.value)
+
+
+def test_huge_finite_student_features_are_named_as_divergence(tmp_path, monkeypatch):
+    """|F_S| ~ 1e20 is finite, but TFD's squared difference overflows fp32: the message must
+    point at the diverging student (learning rate, clipping), not at the term's weight."""
+    model = build_model(tiny_distill_cfg(tmp_path))
+    real = model._distill_inputs
+
+    def huge(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        return replace(inputs, student_features=[f * 1e20 for f in inputs.student_features])
+
+    monkeypatch.setattr(model, "_distill_inputs", huge)
+    with EventStorage(0), pytest.raises(FloatingPointError) as err:
+        model(make_batch(2))
+    msg = str(err.value)
+    assert "['loss_tfd']" in msg and "Non-finite inputs: none" in msg
+    assert "the student's are huge" in msg and "SOLVER.CLIP_GRADIENTS" in msg
 
 
 def test_distillation_fp32_under_bf16_autocast(tmp_path):
