@@ -202,13 +202,8 @@ def test_model_zoo_table_refuses_speed_of_another_teacher():
         model_zoo_table.check_same_teacher(r18, {}, "speed.json")
 
 
-def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch):
-    calls, written = [], []
-
-    def fake_train(spec, args, profile, runs):
-        calls.append(accuracy.run_name(spec))
-        return {**spec, "AP": 1.0}
-
+def _fake_benchmark(monkeypatch, fake_train, written: list) -> None:
+    """accuracy.main without training, teacher, FLOP count or plots; results.md goes to written."""
     monkeypatch.setattr(accuracy, "train_student", fake_train)
     monkeypatch.setattr(accuracy, "teacher_row", lambda *a: {
         "method": "teacher", "hs_form": None, "seed": None, "indicative": False, "AP": 40.0})
@@ -217,6 +212,16 @@ def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch
     monkeypatch.setattr(accuracy, "plot", lambda agg, path: None)
     monkeypatch.setattr(accuracy, "write_results",
                         lambda out, name, settings, rows, md, commit: written.append(md))
+
+
+def test_a_resumed_profile_reports_its_finished_runs_first(tmp_path, monkeypatch):
+    calls, written = [], []
+
+    def fake_train(spec, args, profile, runs):
+        calls.append(accuracy.run_name(spec))
+        return {**spec, "AP": 1.0}
+
+    _fake_benchmark(monkeypatch, fake_train, written)
     (tmp_path / "tbd_harmony_s1.json").write_text("{}")  # finished by an earlier invocation
     teacher = tmp_path / "t.pth"
     teacher.write_bytes(b"")
@@ -263,14 +268,7 @@ def test_a_failed_run_stops_the_benchmark_after_recording_the_others(tmp_path, m
             raise RuntimeError("train_net.py failed (-9)")
         return {**spec, "AP": 1.0}
 
-    monkeypatch.setattr(accuracy, "train_student", fake_train)
-    monkeypatch.setattr(accuracy, "teacher_row", lambda *a: {
-        "method": "teacher", "hs_form": None, "seed": None, "indicative": False, "AP": 40.0})
-    monkeypatch.setattr(accuracy, "model_gflops",
-                        lambda config: {"total": 1.0, "backbone_fpn": 0.5, "head": 0.5})
-    monkeypatch.setattr(accuracy, "plot", lambda agg, path: None)
-    monkeypatch.setattr(accuracy, "write_results",
-                        lambda out, name, settings, rows, md, commit: written.append(md))
+    _fake_benchmark(monkeypatch, fake_train, written)
     teacher = tmp_path / "t.pth"
     teacher.write_bytes(b"")
     with pytest.raises(RuntimeError, match="1 run\\(s\\) failed: frs_s0"):
