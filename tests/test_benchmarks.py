@@ -4,6 +4,7 @@ import importlib.util
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,21 @@ def test_a_failed_run_stops_the_benchmark_after_recording_the_others(tmp_path, m
     assert "| baseline | 1 |" in written[-1]  # recorded before the failure stopped it
     # (tbd_harmony_s0 is cancelled or, if the worker had already started it, recorded)
     assert json.loads((tmp_path / "invocations.json").read_text())[-1]["runs_finished"] >= 1
+
+
+def test_a_dotted_run_name_keeps_its_whole_name_in_its_log(tmp_path, monkeypatch):
+    logs = []
+
+    def sh(cmd, log):  # analyze_harmony.py, faked: its log path and its harmony.json
+        logs.append(log)
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir()
+        (out / "harmony.json").write_text('{"harmonious_proportion": 0.1, '
+                                          '"score_iou_spearman": 0.5}')
+
+    monkeypatch.setattr(accuracy, "sh", sh)
+    name = accuracy.run_name({"method": "tbd", "hs_form": "harmony", "variant": "hd_bg0.5",
+                              "seed": 0})
+    res = accuracy.harmony("c.yaml", "w.pth", "val", tmp_path / f"{name}_h", [])
+    assert res == {"harmonious_proportion": 0.1, "score_iou_spearman": 0.5}
+    assert logs == [tmp_path / "tbd_hd_bg0.5_s0_h.log"]  # not tbd_hd_bg0.log

@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     ROOT,
     eval_bbox,
     git_commit,
+    log_beside,
     model_gflops,
     run_logged,
     write_results,
@@ -161,7 +162,7 @@ def divergence(log: Path) -> str | None:
 def harmony(config: str, weights: str, val: str, out: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
            "--dataset", val, "--output", str(out), *extra, "MODEL.WEIGHTS", weights]
-    sh(cmd, out.with_suffix(".log"))
+    sh(cmd, log_beside(out))
     h = json.loads((out / "harmony.json").read_text())
     return {"harmonious_proportion": h["harmonious_proportion"],
             "score_iou_spearman": h["score_iou_spearman"]}

@@ -71,6 +71,12 @@ def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict
         atomic_write_text(str(out_dir / name), text)
 
 
+def log_beside(out: Path) -> Path:
+    """The log file beside the folder ``out``. Not ``out.with_suffix``: that cuts a name at its
+    last dot (``tbd_hd_bg0.5_s0_h`` would log to ``tbd_hd_bg0.log``, shared by other names)."""
+    return out.parent / f"{out.name}.log"
+
+
 def run_logged(cmd: list[str], log: Path, extra_env: dict | None = None) -> None:
     """Run ``cmd`` in the repository root with its output in ``log``; raise with the log's tail."""
     env = {**os.environ, **(extra_env or {})}

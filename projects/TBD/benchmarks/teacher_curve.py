@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, eval_bbox, git_commit, write_results  # noqa: E402
+from common import ROOT, eval_bbox, git_commit, log_beside, write_results  # noqa: E402
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 
@@ -45,8 +45,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def evaluate(run_dir: Path, weights: Path, dataset: str, work: Path) -> dict:
     out = work / f"{run_dir.name}_{weights.stem}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = eval_bbox(str(run_dir / "config.yaml"), str(weights), dataset, out,
-                    out.with_suffix(".log"))
+    res = eval_bbox(str(run_dir / "config.yaml"), str(weights), dataset, out, log_beside(out))
     return {k: res.get(k) for k in METRICS}
 
 
