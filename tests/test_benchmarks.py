@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from .conftest import ROOT
 
@@ -297,3 +298,42 @@ def test_a_dotted_run_name_keeps_its_whole_name_in_its_log(tmp_path, monkeypatch
     res = accuracy.harmony("c.yaml", "w.pth", "val", tmp_path / f"{name}_h", [])
     assert res == {"harmonious_proportion": 0.1, "score_iou_spearman": 0.5}
     assert logs == [tmp_path / "tbd_hd_bg0.5_s0_h.log"]  # not tbd_hd_bg0.log
+
+
+grad_norms = _load("grad_norms")
+
+
+def test_grad_norms_logs_each_step_before_it_then_stops(tmp_path):
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    path = tmp_path / "norms.jsonl"
+    with open(path, "w") as out:
+        opt = grad_norms.logging_optimizer(opt, {id(a): "a", id(b): "b"}, out, iters=1)
+        a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0, 12.0])
+        opt.step()  # logged, then applied
+        assert b.tolist() == [0.0, 0.0, -12.0]
+        with pytest.raises(grad_norms._Stop):
+            opt.step()  # the step after the last one to log: logged, not applied
+    assert b.tolist() == [0.0, 0.0, -12.0]
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["total"] == pytest.approx(13.0)  # sqrt(5^2 + 12^2)
+    assert first["top"] == [[12.0, "b"], [5.0, "a"]] and first["median"] == 5.0
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_grad_norms_runs_train_net_for_the_steps_asked(tmp_path, tiny_datasets):
+    from .conftest import tiny_distill_cfg, write_cfg
+
+    cfg = tiny_distill_cfg(tmp_path)
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (tiny_datasets[0],), (tiny_datasets[1],)
+    cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR = 10, str(tmp_path / "out")
+    path = tmp_path / "norms.jsonl"
+    assert grad_norms.main(["--iters", "2", "--output", str(path), "--",
+                            "--config-file", write_cfg(cfg, tmp_path / "cfg.yaml")]) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["it"] for r in rows] == [0, 1]
+    for r in rows:  # the student's parameters only (the teacher is frozen), largest first
+        norms = [n for n, _ in r["top"]]
+        assert norms == sorted(norms, reverse=True) and r["median"] <= norms[0] <= r["total"]
+        assert all(name.split(".")[0] in ("backbone", "head", "distillers") for _, name in r["top"])
+    assert not (tmp_path / "out" / "model_final.pth").exists()  # stopped, nothing saved

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Per-parameter gradient norms of the first iterations of a training run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python projects/TBD/benchmarks/grad_norms.py \\
+        --iters 330 --output grad_norms.jsonl -- \\
+        --config-file projects/TBD/configs/shapes/tbd_R34_to_R18.yaml SEED 2 ...
+
+Everything after ``--`` is ``train_net.py``'s command line. The run trains as ``train_net.py``
+would and stops after ``--iters`` optimizer steps; before each step it writes one JSON line:
+the iteration, the global gradient norm, the median and the three largest per-parameter norms
+(with the parameters' names). It is how the clip value of the benchmarks' gradient-clipping check
+was chosen: Detectron2 v0.6's ``SOLVER.CLIP_GRADIENTS`` clips each parameter on its own
+(``CLIP_TYPE`` norm), so the per-parameter norms of a normal run say which value only cuts spikes.
+Nothing is asserted about a run's speed; the training log goes where ``train_net.py`` puts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_net  # noqa: E402
+
+
+class _Stop(Exception):
+    """Raised after the last logged step: ends the training run early, on purpose."""
+
+
+def logging_optimizer(optimizer, names: dict, out, iters: int):
+    """``optimizer`` with a step that first logs the gradient norms (its class is swapped, as
+    Detectron2 does for gradient clipping, so the LR scheduler's wrapper still applies)."""
+    base = type(optimizer)
+    count = [0]
+
+    def step(self, *args, **kwargs):
+        norms = sorted(((p.grad.norm().item(), names.get(id(p), "?"))
+                        for g in self.param_groups for p in g["params"] if p.grad is not None),
+                       reverse=True)
+        out.write(json.dumps({"it": count[0], "total": sum(n * n for n, _ in norms) ** 0.5,
+                              "median": norms[len(norms) // 2][0], "top": norms[:3]}) + "\n")
+        out.flush()
+        count[0] += 1
+        if count[0] > iters:
+            raise _Stop
+        return base.step(self, *args, **kwargs)
+
+    optimizer.__class__ = type(base.__name__ + "WithNormLog", (base,), {"step": step})
+    return optimizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--iters", type=int, required=True, help="optimizer steps to log")
+    p.add_argument("--output", required=True, help="JSON-lines file to write")
+    args = p.parse_args(argv[:split])
+    train_args = train_net.argument_parser().parse_args(argv[split + 1:])
+    if train_args.eval_only or train_args.num_gpus != 1:
+        sys.exit("grad_norms.py logs one training process: drop --eval-only / --num-gpus.")
+    build = train_net.Trainer.build_optimizer.__func__
+    with open(args.output, "w") as out:
+        def build_optimizer(cls, cfg, model):
+            names = {id(q): n for n, q in model.named_parameters()}
+            return logging_optimizer(build(cls, cfg, model), names, out, args.iters - 1)
+
+        train_net.Trainer.build_optimizer = classmethod(build_optimizer)
+        try:
+            train_net.main(train_args)
+        except _Stop:
+            pass
+    print(f"wrote {args.iters} steps to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
