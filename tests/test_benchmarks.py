@@ -337,3 +337,13 @@ def test_grad_norms_runs_train_net_for_the_steps_asked(tmp_path, tiny_datasets):
         assert norms == sorted(norms, reverse=True) and r["median"] <= norms[0] <= r["total"]
         assert all(name.split(".")[0] in ("backbone", "head", "distillers") for _, name in r["top"])
     assert not (tmp_path / "out" / "model_final.pth").exists()  # stopped, nothing saved
+
+
+def test_the_recorded_thread_count_is_the_one_runs_get(monkeypatch):
+    monkeypatch.setattr(accuracy, "THREADS", {})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert accuracy.threads_per_run(8) == 8  # torch's default
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # inherited by the runs
+    assert accuracy.threads_per_run(8) == 2
+    monkeypatch.setattr(accuracy, "THREADS", {"OMP_NUM_THREADS": "1"})  # --jobs > 1
+    assert accuracy.threads_per_run(8) == 1

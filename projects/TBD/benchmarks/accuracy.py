@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -114,6 +115,14 @@ def run_name(spec: dict) -> str:
 
 
 THREADS: dict = {}  # extra environment of the subprocesses (OMP_NUM_THREADS with --jobs > 1)
+
+
+def threads_per_run(torch_default: int) -> int:
+    """The intra-op threads each run gets: 1 with --jobs > 1, else OMP_NUM_THREADS if the caller
+    set it, else torch's default. Recorded because it changes the results: floating-point sums
+    differ with the thread count, and a run that stalls with one thread may not with two."""
+    return int(THREADS.get("OMP_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+               or torch_default)
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -413,7 +422,7 @@ def main(argv=None) -> None:
                 "teacher_config": args.teacher_config, "teacher_weights": args.teacher_weights,
                 "jobs": args.jobs, "methods": args.methods, "ablations": not args.no_ablations,
                 "extra_opts": args.opts,
-                "threads_per_run": 1 if args.jobs > 1 else "torch default",
+                "threads_per_run": threads_per_run(torch.get_num_threads()),
                 "gflops_per_image": {"teacher": model_gflops(args.teacher_config),
                                      "student": model_gflops(METHODS["baseline"][0])}}
     specs = run_specs(profile, tuple(args.methods), not args.no_ablations)
