@@ -317,7 +317,7 @@ def test_grad_norms_logs_each_step_before_it_then_stops(tmp_path):
     assert b.tolist() == [0.0, 0.0, -12.0]
     first = json.loads(path.read_text().splitlines()[0])
     assert first["total"] == pytest.approx(13.0)  # sqrt(5^2 + 12^2)
-    assert first["top"] == [[12.0, "b"], [5.0, "a"]] and first["median"] == 5.0
+    assert first["top"] == [[12.0, "b"], [5.0, "a"]] and first["median"] == 8.5
     assert len(path.read_text().splitlines()) == 2
 
 
@@ -347,3 +347,14 @@ def test_the_recorded_thread_count_is_the_one_runs_get(monkeypatch):
     assert accuracy.threads_per_run(8) == 2
     monkeypatch.setattr(accuracy, "THREADS", {"OMP_NUM_THREADS": "1"})  # --jobs > 1
     assert accuracy.threads_per_run(8) == 1
+
+
+def test_grad_norms_summary_finds_the_spikes(tmp_path):
+    path = tmp_path / "run.jsonl"
+    rows = [(0, 2.0, 1.0, "a"), (1, 40.0, 30.0, "head.b"), (2, 3.0, 2.0, "a"),
+            (3, 15.0, 11.0, "c")]
+    path.write_text("".join(json.dumps({"it": i, "total": t, "median": 0.1, "top": [[n, name]]})
+                            + "\n" for i, t, n, name in rows))
+    table = grad_norms.summary([str(path)], spike=10.0)
+    # largest: 30 at step 1; above 10: steps 1 and 3; median of totals (2, 3, 15, 40): 9
+    assert table.splitlines()[-1] == "| run.jsonl | 4 | 30.0 (1, `head.b`) | 2: 1, 3 | 9.00 |"

@@ -11,18 +11,21 @@ the iteration, the global gradient norm, the median and the three largest per-pa
 (with the parameters' names). It is how the clip value of the benchmarks' gradient-clipping check
 was chosen: Detectron2 v0.6's ``SOLVER.CLIP_GRADIENTS`` clips each parameter on its own
 (``CLIP_TYPE`` norm), so the per-parameter norms of a normal run say which value only cuts spikes.
-Nothing is asserted about a run's speed; the training log goes where ``train_net.py`` puts it.
+The training log goes where ``train_net.py`` puts it, and ends with the traceback of the
+exception that stops the run (``_Stop``: expected). ``--summary FILE...`` prints a Markdown table
+of logs already written: per file, the largest per-parameter norm (iteration, parameter), the
+steps with a parameter above ``--spike`` and the median global norm.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_net  # noqa: E402
+TRAIN_NET_DIR = str(Path(__file__).resolve().parents[1])
 
 
 class _Stop(Exception):
@@ -39,8 +42,10 @@ def logging_optimizer(optimizer, names: dict, out, iters: int):
         norms = sorted(((p.grad.norm().item(), names.get(id(p), "?"))
                         for g in self.param_groups for p in g["params"] if p.grad is not None),
                        reverse=True)
-        out.write(json.dumps({"it": count[0], "total": sum(n * n for n, _ in norms) ** 0.5,
-                              "median": norms[len(norms) // 2][0], "top": norms[:3]}) + "\n")
+        total = sum(n * n for n, _ in norms) ** 0.5
+        median = statistics.median(n for n, _ in norms)
+        out.write(json.dumps({"it": count[0], "total": total, "median": median,
+                              "top": norms[:3]}) + "\n")
         out.flush()
         count[0] += 1
         if count[0] > iters:
@@ -51,13 +56,39 @@ def logging_optimizer(optimizer, names: dict, out, iters: int):
     return optimizer
 
 
+def summary(paths: list[str], spike: float) -> str:
+    """Markdown table of gradient-norm logs (see the module docstring)."""
+    lines = [f"| log | steps | largest parameter norm (iteration, parameter) | steps with a "
+             f"parameter above {spike:g} | median global norm |", "|---|---|---|---|---|"]
+    for path in paths:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        top = max(rows, key=lambda r: r["top"][0][0])
+        above = [r["it"] for r in rows if r["top"][0][0] > spike]
+        lines.append(f"| {Path(path).name} | {len(rows)} | {top['top'][0][0]:.1f} ({top['it']}, "
+                     f"`{top['top'][0][1]}`) | {len(above)}"
+                     + (f": {', '.join(map(str, above[:12]))}{' ...' * (len(above) > 12)}"
+                        if above else "")
+                     + f" | {statistics.median(r['total'] for r in rows):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--iters", type=int, required=True, help="optimizer steps to log")
-    p.add_argument("--output", required=True, help="JSON-lines file to write")
+    p.add_argument("--iters", type=int, help="optimizer steps to log")
+    p.add_argument("--output", help="JSON-lines file to write")
+    p.add_argument("--summary", nargs="+", metavar="FILE", help="summarise logs instead")
+    p.add_argument("--spike", type=float, default=10.0, help="--summary's spike threshold")
     args = p.parse_args(argv[:split])
+    if args.summary:
+        print(summary(args.summary, args.spike))
+        return 0
+    if args.iters is None or args.output is None:
+        p.error("--iters and --output are required to log a run (or give --summary FILE...)")
+    sys.path.insert(0, TRAIN_NET_DIR)
+    import train_net  # only to log a run: --summary needs no Detectron2
+
     train_args = train_net.argument_parser().parse_args(argv[split + 1:])
     if train_args.eval_only or train_args.num_gpus != 1:
         sys.exit("grad_norms.py logs one training process: drop --eval-only / --num-gpus.")
