@@ -36,6 +36,12 @@ from .teacher import TeacherError, build_teacher, freeze, teacher_fingerprint
 
 logger = logging.getLogger(__name__)
 
+# What a diverging student's error message suggests. Per-parameter clipping at 10 stopped the
+# benchmarks' divergence and stall (gradient spikes of 100-1e8 against a usual largest of ~2;
+# projects/TBD/benchmarks/README.md, "Gradient spike and clipping check").
+_DIVERGED_FIX = ("enable gradient clipping (SOLVER.CLIP_GRADIENTS.ENABLED True, CLIP_TYPE norm, "
+                 "CLIP_VALUE 10), lower SOLVER.BASE_LR or lower the distillation weights")
+
 
 class _TeacherHolder:
     """Keeps the teacher out of the student's module tree (not an nn.Module attribute)."""
@@ -341,8 +347,7 @@ class DistillMetaArch(RetinaNet):
             hint = ("the teacher produces non-finite outputs: check MODEL.DISTILL.TEACHER.WEIGHTS "
                     "and that the teacher runs in its own precision")
         elif nonfinite:
-            hint = ("the student diverged: lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or "
-                    "lower the weight of the term")
+            hint = f"the student diverged: {_DIVERGED_FIX}"
         else:
             largest = {n: max((float(t.detach().abs().max()) for t in ts if t.numel()),
                               default=0.0) for n, ts in tensors.items()}
@@ -351,8 +356,7 @@ class DistillMetaArch(RetinaNet):
             teacher = max(v for n, v in largest.items() if n.startswith("teacher"))
             if student > 1e3 * max(teacher, 1.0):  # e.g. |F_S|^2 overflows fp32 above ~1e19
                 hint = (f"the inputs are finite but the student's are huge (largest |value|: "
-                        f"{sizes}): the student is diverging; lower SOLVER.BASE_LR, enable "
-                        "SOLVER.CLIP_GRADIENTS or lower the distillation weights")
+                        f"{sizes}): the student is diverging; {_DIVERGED_FIX}")
             else:
                 hint = (f"the inputs are finite (largest |value|: {sizes}), so the term itself "
                         "overflowed: lower its weight (MODEL.DISTILL.*) and report it with this "
