@@ -337,6 +337,12 @@ def test_grad_norms_runs_train_net_for_the_steps_asked(tmp_path, tiny_datasets):
         assert norms == sorted(norms, reverse=True) and r["median"] <= norms[0] <= r["total"]
         assert all(name.split(".")[0] in ("backbone", "head", "distillers") for _, name in r["top"])
     assert not (tmp_path / "out" / "model_final.pth").exists()  # stopped, nothing saved
+    # the project's trainer is left as it was: later trainings in this process log nothing
+    import train_net
+
+    from tbd.engine import DistillTrainer
+
+    assert train_net.Trainer is DistillTrainer and "build_optimizer" not in vars(DistillTrainer)
 
 
 def test_the_recorded_thread_count_is_the_one_runs_get(monkeypatch):

@@ -92,17 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     train_args = train_net.argument_parser().parse_args(argv[split + 1:])
     if train_args.eval_only or train_args.num_gpus != 1:
         sys.exit("grad_norms.py logs one training process: drop --eval-only / --num-gpus.")
-    build = train_net.Trainer.build_optimizer.__func__
+    trainer = train_net.Trainer
     with open(args.output, "w") as out:
-        def build_optimizer(cls, cfg, model):
-            names = {id(q): n for n, q in model.named_parameters()}
-            return logging_optimizer(build(cls, cfg, model), names, out, args.iters - 1)
+        class LoggingTrainer(trainer):
+            """The project's trainer with a logging optimizer. A subclass set as train_net.Trainer
+            for this run only: the shared DistillTrainer class is never changed."""
 
-        train_net.Trainer.build_optimizer = classmethod(build_optimizer)
+            @classmethod
+            def build_optimizer(cls, cfg, model):
+                names = {id(q): n for n, q in model.named_parameters()}
+                return logging_optimizer(super().build_optimizer(cfg, model), names, out,
+                                         args.iters - 1)
+
+        train_net.Trainer = LoggingTrainer
         try:
             train_net.main(train_args)
         except _Stop:
             pass
+        finally:
+            train_net.Trainer = trainer
     print(f"wrote {args.iters} steps to {args.output}")
     return 0
 
