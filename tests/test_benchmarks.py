@@ -327,7 +327,7 @@ def test_grad_norms_runs_train_net_for_the_steps_asked(tmp_path, tiny_datasets):
     cfg = tiny_distill_cfg(tmp_path)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (tiny_datasets[0],), (tiny_datasets[1],)
     cfg.SOLVER.MAX_ITER, cfg.OUTPUT_DIR = 10, str(tmp_path / "out")
-    path = tmp_path / "norms.jsonl"
+    path = tmp_path / "logs" / "norms.jsonl"  # its folder is created
     assert grad_norms.main(["--iters", "2", "--output", str(path), "--",
                             "--config-file", write_cfg(cfg, tmp_path / "cfg.yaml")]) == 0
     rows = [json.loads(line) for line in path.read_text().splitlines()]

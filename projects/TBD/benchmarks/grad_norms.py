@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if train_args.eval_only or train_args.num_gpus != 1:
         sys.exit("grad_norms.py logs one training process: drop --eval-only / --num-gpus.")
     trainer = train_net.Trainer
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w") as out:
         class LoggingTrainer(trainer):
             """The project's trainer with a logging optimizer. A subclass set as train_net.Trainer
