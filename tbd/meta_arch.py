@@ -37,8 +37,8 @@ from .teacher import TeacherError, build_teacher, freeze, teacher_fingerprint
 logger = logging.getLogger(__name__)
 
 # What a diverging student's error message suggests. Per-parameter clipping at 10 stopped the
-# benchmarks' divergence and stall (gradient spikes of 100-1e8 against a usual largest of ~2;
-# projects/TBD/benchmarks/README.md, "Gradient spike and clipping check").
+# benchmarks' divergence and stall (per-parameter gradient norms of 17 to 3e8 against a usual
+# largest of about 2; projects/TBD/benchmarks/README.md, "Gradient spike and clipping check").
 _DIVERGED_FIX = ("enable gradient clipping (SOLVER.CLIP_GRADIENTS.ENABLED True, CLIP_TYPE norm, "
                  "CLIP_VALUE 10), lower SOLVER.BASE_LR or lower the distillation weights")
 
