@@ -25,6 +25,7 @@ def _load(name):
 
 speed = _load("speed")
 accuracy = _load("accuracy")
+grad_norms = _load("grad_norms")
 sys.path.insert(0, str(ROOT / "projects" / "TBD" / "tools"))
 import model_zoo_table  # noqa: E402
 
@@ -298,9 +299,6 @@ def test_a_dotted_run_name_keeps_its_whole_name_in_its_log(tmp_path, monkeypatch
     res = accuracy.harmony("c.yaml", "w.pth", "val", tmp_path / f"{name}_h", [])
     assert res == {"harmonious_proportion": 0.1, "score_iou_spearman": 0.5}
     assert logs == [tmp_path / "tbd_hd_bg0.5_s0_h.log"]  # not tbd_hd_bg0.log
-
-
-grad_norms = _load("grad_norms")
 
 
 def test_grad_norms_logs_each_step_before_it_then_stops(tmp_path):
