@@ -3,6 +3,7 @@
 # session 15 minutes in all; see projects/TBD/benchmarks/README.md, "GPU").
 #
 #   bash projects/TBD/benchmarks/gpu_checks.sh TEACHER_WEIGHTS GIT_COMMIT OUT_DIR [BUDGET_S]
+#   STAGES="accuracy" JOBS=10 bash projects/TBD/benchmarks/gpu_checks.sh ...   (one stage only)
 #
 # TEACHER_WEIGHTS: the accuracy benchmark's teacher, trained to convergence (its config,
 # configs/shapes/retinanet_R18_FPN256_teacher.yaml, is amp_check.py's and accuracy.py's default).
@@ -11,11 +12,17 @@
 # whole run ends within BUDGET_S (default 560):
 #   1. speed.py --device cuda --coco --batch 8         (the 1.05x target of a distillation step)
 #   2. amp_check.py                                    (fp16 autocast forward + AMPTrainer)
-#   3. accuracy.py --profile gpu --jobs 8              (the accuracy benchmark's GPU variant)
+#   3. accuracy.py --profile gpu --jobs $JOBS          (the accuracy benchmark's GPU variant)
 #   4. speed.py --device cuda --coco --batch 8 --amp   (if time is left)
 # The synthetic datasets are generated in the background meanwhile. The results.json of each
-# stage and the per-run json of the accuracy runs are copied to OUT_DIR.
+# stage, the accuracy benchmark's results.md and bar chart, and its per-run json and logs (one
+# tarball) are copied to OUT_DIR: at most 8 files, the lent machine's limit on what comes back.
+# STAGES (default "speed amp accuracy speed_amp") picks stages; JOBS (default 10) is the accuracy
+# benchmark's runs in parallel: its 20 runs in two waves on the lent machine's 16 cores.
 set -u
+STAGES=${STAGES:-speed amp accuracy speed_amp}
+JOBS=${JOBS:-10}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 TEACHER=$1
 export TBD_GIT_COMMIT=$2
 OUT=$3
@@ -33,27 +40,39 @@ detectron2.__version__, torch.cuda.get_device_name(0))"
 
 stage "generating the synthetic datasets in the background"
 GEN=()
+GENLOG=$(mktemp -d)  # not in OUT_DIR: its files count against the 8 that come back
 for split in tbd_shapes_train tbd_shapes_val tbd_shapes_mini_train tbd_shapes_mini_val; do
   python3 -c "import tbd; from tbd.data import ensure_generated; ensure_generated('$split')" \
-    >"$OUT/gen_$split.log" 2>&1 &
+    >"$GENLOG/gen_$split.log" 2>&1 &
   GEN+=($!)
 done
+gen_wait() {  # wait for the given generators; print the log of any that failed
+  for i in "$@"; do
+    wait "${GEN[$i]}" || { echo "dataset generation $i failed:"; cat "$GENLOG"/gen_*.log; }
+  done
+}
 
-stage "1. speed, fp32"
-timeout $(($(left) - 380)) python3 $B/speed.py --device cuda --coco --batch 8 \
-  --output $R/speed_cuda || echo "speed fp32 failed or timed out: rc $?"
+if want speed; then
+  stage "1. speed, fp32"
+  timeout $(($(left) - 380)) python3 $B/speed.py --device cuda --coco --batch 8 \
+    --output $R/speed_cuda || echo "speed fp32 failed or timed out: rc $?"
+fi
 
-stage "2. AMP check"
-wait "${GEN[@]:1}"
-timeout 120 python3 $B/amp_check.py --teacher-weights "$TEACHER" --iters 100 \
-  || echo "amp_check failed or timed out: rc $?"
+if want amp; then
+  stage "2. AMP check"
+  gen_wait 2 3
+  timeout 120 python3 $B/amp_check.py --teacher-weights "$TEACHER" --iters 100 \
+    || echo "amp_check failed or timed out: rc $?"
+fi
 
-stage "3. accuracy, gpu profile"
-wait "${GEN[0]}"
-timeout $(($(left) - 20)) python3 $B/accuracy.py --teacher-weights "$TEACHER" --profile gpu \
-  --jobs 8 || echo "accuracy failed or timed out: rc $?"
+if want accuracy; then
+  stage "3. accuracy, gpu profile"
+  gen_wait 0 1
+  timeout $(($(left) - 20)) python3 $B/accuracy.py --teacher-weights "$TEACHER" --profile gpu \
+    --jobs "$JOBS" || echo "accuracy failed or timed out: rc $?"
+fi
 
-if [ "$(left)" -gt 75 ]; then
+if want speed_amp && [ "$(left)" -gt 75 ]; then
   stage "4. speed, AMP"
   timeout $(($(left) - 15)) python3 $B/speed.py --device cuda --coco --batch 8 --amp \
     --output $R/speed_cuda_amp || echo "speed amp failed or timed out: rc $?"
@@ -64,5 +83,8 @@ of 16 MB; a first run's tarball with all run logs exceeded that and was lost)"
 for d in speed_cuda speed_cuda_amp amp_cuda accuracy_gpu; do
   [ -f $R/$d/results.json ] && cp $R/$d/results.json "$OUT/$d.json"
 done
-tar czf "$OUT/accuracy_gpu_runs.tgz" output/benchmarks/accuracy_gpu/*.json 2>/dev/null
+[ -f $R/accuracy_gpu/results.md ] && cp $R/accuracy_gpu/results.md "$OUT/accuracy_gpu.md"
+[ -f $R/accuracy_gpu/accuracy.png ] && cp $R/accuracy_gpu/accuracy.png "$OUT/accuracy_gpu.png"
+tar czf "$OUT/accuracy_gpu_runs.tgz" output/benchmarks/accuracy_gpu/*.json \
+  output/benchmarks/accuracy_gpu/*.log 2>/dev/null
 stage "done"
