@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -362,3 +364,33 @@ def test_grad_norms_summary_finds_the_spikes(tmp_path):
     table = grad_norms.summary([str(path)], spike=10.0)
     # largest: 30 at step 1; above 10: steps 1 and 3; median of totals (2, 3, 15, 40): 9
     assert table.splitlines()[-1] == "| run.jsonl | 4 | 30.0 (1, `head.b`) | 2: 1, 3 | 9.00 |"
+
+
+@pytest.mark.parametrize("stages,expected", [
+    (None, ["speed.py --device cuda --coco --batch 8 --output",
+            "amp_check.py", "accuracy.py", "speed.py --device cuda --coco --batch 8 --amp"]),
+    ("accuracy", ["accuracy.py"]),
+])
+def test_gpu_checks_runs_the_stages_asked(tmp_path, stages, expected):
+    # stub python3 and nvidia-smi: records each python3 call, so no GPU or dataset is needed
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir(), out.mkdir()
+    calls = tmp_path / "calls.txt"
+    for name in ("python3", "nvidia-smi"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JOBS": "3"}
+    if stages:
+        env["STAGES"] = stages
+    else:
+        env.pop("STAGES", None)
+    subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), "teacher.pth", "abc", str(out)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    scripts = [c for c in calls.read_text().splitlines() if "benchmarks/" in c]
+    assert len(scripts) == len(expected)
+    for call, part in zip(scripts, expected):
+        assert part in call
+    accuracy_call = next(c for c in scripts if "accuracy.py" in c)
+    assert "--profile gpu --jobs 3" in accuracy_call
+    assert "--teacher-weights teacher.pth" in accuracy_call
+    assert len(list(out.iterdir())) <= 8  # what the lent machine returns at most

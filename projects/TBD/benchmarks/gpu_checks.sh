@@ -78,6 +78,7 @@ if want speed_amp && [ "$(left)" -gt 75 ]; then
     --output $R/speed_cuda_amp || echo "speed amp failed or timed out: rc $?"
 fi
 
+wait  # generators no stage waited for: none outlives the script
 stage "copying results to $OUT (separate small files: the lent machine returns at most 8 files
 of 16 MB; a first run's tarball with all run logs exceeded that and was lost)"
 for d in speed_cuda speed_cuda_amp amp_cuda accuracy_gpu; do
