@@ -374,7 +374,8 @@ def test_grad_norms_summary_finds_the_spikes(tmp_path):
 def test_gpu_checks_runs_the_stages_asked(tmp_path, stages, expected):
     # stub python3 and nvidia-smi: records each python3 call, so no GPU or dataset is needed
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir(), out.mkdir()
+    bin_dir.mkdir()
+    out.mkdir()
     calls = tmp_path / "calls.txt"
     for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
