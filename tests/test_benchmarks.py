@@ -395,3 +395,13 @@ def test_gpu_checks_runs_the_stages_asked(tmp_path, stages, expected):
     assert "--profile gpu --jobs 3" in accuracy_call
     assert "--teacher-weights teacher.pth" in accuracy_call
     assert len(list(out.iterdir())) <= 8  # what the lent machine returns at most
+
+
+def test_speed_amp_dtype_is_the_one_asked_or_the_devices_default():
+    assert speed.amp_dtype("cuda", None) is torch.float16
+    assert speed.amp_dtype("cpu", None) is torch.bfloat16
+    assert speed.amp_dtype("cuda", "bf16") is torch.bfloat16
+    args = speed.parse_args(["--device", "cuda", "--amp", "--amp-dtype", "bf16"])
+    assert speed.precision(args) == "AMP bf16"
+    assert speed.precision(speed.parse_args(["--device", "cuda:0", "--amp"])) == "AMP fp16"
+    assert speed.precision(speed.parse_args(["--amp-dtype", "bf16"])) == "fp32"

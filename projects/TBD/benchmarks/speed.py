@@ -33,6 +33,23 @@ CFG = ROOT / "projects" / "TBD" / "configs"
 STEP_VARIANTS = ["student_step", "teacher_forward", "tbd_step", "frs_step", "fgd_step"]
 INFER_VARIANTS = ["student_inference", "stock_inference"]
 DISTILLERS = {"tbd_step": ["HD", "TFD"], "frs_step": ["FRS"], "fgd_step": ["FGD"]}
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def amp_dtype(device_type: str, name: str | None) -> torch.dtype:
+    """The autocast dtype: the one named, else fp16 on cuda (AMPTrainer's) and bf16 on cpu (the
+    only one CPU autocast runs fast)."""
+    if name:
+        return AMP_DTYPES[name]
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def precision(args) -> str:
+    """'fp32', or 'AMP <dtype>' as used."""
+    if not args.amp:
+        return "fp32"
+    dtype = amp_dtype(args.device.split(":")[0], args.amp_dtype)
+    return "AMP " + next(k for k, v in AMP_DTYPES.items() if v == dtype)
 
 
 def parse_args(argv=None):
@@ -46,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on cuda, bf16 on cpu)")
+    p.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
+                   help="autocast dtype; default fp16 on cuda, bf16 on cpu. bf16 for random "
+                   "weights at COCO size: the random R101 teacher overflows fp16")
     p.add_argument("--teacher-weights", default="", help="optional; random weights otherwise")
     p.add_argument("--teacher-config", default=None,
                    help="teacher config (default: the R101 3x on --coco, else the shapes "
@@ -171,7 +191,7 @@ class Runner:
             torch.cuda.synchronize()
 
     def _autocast(self):
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        dtype = amp_dtype(self.device.type, self.args.amp_dtype)
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.args.amp)
 
     def call(self, variant: str) -> None:
@@ -288,6 +308,8 @@ def measure_memory(args, variants) -> dict[str, float]:
             cmd.append("--coco")
         if args.amp:
             cmd.append("--amp")
+        if args.amp_dtype:
+            cmd += ["--amp-dtype", args.amp_dtype]
         if args.teacher_weights:
             cmd += ["--teacher-weights", args.teacher_weights]
         if args.teacher_config:
@@ -348,7 +370,7 @@ def main(argv=None) -> None:
     rows.append({"what": "tbd_profile_shares", **{k: round(v, 4) for k, v in shares.items()}})
 
     md = [f"# Speed and memory ({args.device}, batch {args.batch}, {h}x{w}, "
-          f"{'AMP' if args.amp else 'fp32'}, {args.reps} interleaved rounds)", "",
+          f"{precision(args)}, {args.reps} interleaved rounds)", "",
           "| what | median ms | min | max | peak MB |", "|---|---|---|---|---|"]
     for r in rows[: len(variants)]:
         pm = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
@@ -367,7 +389,8 @@ def main(argv=None) -> None:
     print(text)
     default_name = f"speed_{args.device}{'_coco' if args.coco else ''}"
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / default_name)
-    settings = {"batch": args.batch, "image_size": [h, w], "amp": args.amp, "warmup": args.warmup,
+    settings = {"batch": args.batch, "image_size": [h, w], "amp": args.amp,
+                "precision": precision(args), "warmup": args.warmup,
                 "reps": args.reps, "coco": args.coco,
                 "teacher_weights": args.teacher_weights or "random",
                 "teacher_config": os.path.relpath(teacher_config(args), ROOT),
