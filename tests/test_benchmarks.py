@@ -368,7 +368,8 @@ def test_grad_norms_summary_finds_the_spikes(tmp_path):
 
 @pytest.mark.parametrize("stages,expected", [
     (None, ["speed.py --device cuda --coco --batch 8 --output",
-            "amp_check.py", "accuracy.py", "speed.py --device cuda --coco --batch 8 --amp"]),
+            "amp_check.py", "accuracy.py",
+            "speed.py --device cuda --coco --batch 8 --amp --amp-dtype bf16"]),
     ("accuracy", ["accuracy.py"]),
 ])
 def test_gpu_checks_runs_the_stages_asked(tmp_path, stages, expected):
@@ -405,3 +406,23 @@ def test_speed_amp_dtype_is_the_one_asked_or_the_devices_default():
     assert speed.precision(args) == "AMP bf16"
     assert speed.precision(speed.parse_args(["--device", "cuda:0", "--amp"])) == "AMP fp16"
     assert speed.precision(speed.parse_args(["--amp-dtype", "bf16"])) == "fp32"
+
+
+def test_speed_writes_timings_before_memory_then_rewrites(tmp_path):
+    args = speed.parse_args(["--output", str(tmp_path), "--reps", "2"])
+    args.size = [128, 128]
+    variants = speed.STEP_VARIANTS + speed.INFER_VARIANTS
+    t = {v: np.full(2, 1.0) for v in variants}
+    t["tbd_step"] = np.full(2, 3.0)  # 3 / (1 + 1)
+    speed.report(args, variants, t, {"tbd.distill.HD": 0.1}, {}, memory="pending")
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["memory"] == "pending"
+    assert "not measured yet" in (tmp_path / "results.md").read_text()
+    tbd = next(r for r in res["rows"] if r.get("method") == "tbd")
+    assert tbd["step_over_floor"] == pytest.approx(1.5) and tbd["mem_over_floor"] is None
+    mem = {v: 10.0 for v in variants} | {"teacher_forward": 5.0, "tbd_step": 18.0}
+    speed.report(args, variants, t, {"tbd.distill.HD": 0.1}, mem, memory="measured")
+    res = json.loads((tmp_path / "results.json").read_text())
+    tbd = next(r for r in res["rows"] if r.get("method") == "tbd")
+    assert tbd["mem_over_floor"] == pytest.approx(18 / 15)  # 18 / (10 + 5)
+    assert "not measured yet" not in (tmp_path / "results.md").read_text()

@@ -13,7 +13,8 @@
 #   1. speed.py --device cuda --coco --batch 8         (the 1.05x target of a distillation step)
 #   2. amp_check.py                                    (fp16 autocast forward + AMPTrainer)
 #   3. accuracy.py --profile gpu --jobs $JOBS          (the accuracy benchmark's GPU variant)
-#   4. speed.py --device cuda --coco --batch 8 --amp   (if time is left)
+#   4. speed.py --device cuda --coco --batch 8 --amp --amp-dtype bf16   (if time is left; bf16:
+#      the random-weight R101 teacher overflows fp16)
 # The synthetic datasets are generated in the background meanwhile. The results.json of each
 # stage, the accuracy benchmark's results.md and bar chart, and its per-run json and logs (one
 # tarball) are copied to OUT_DIR: at most 8 files, the lent machine's limit on what comes back.
@@ -75,6 +76,7 @@ fi
 if want speed_amp && [ "$(left)" -gt 75 ]; then
   stage "4. speed, AMP"
   timeout $(($(left) - 15)) python3 $B/speed.py --device cuda --coco --batch 8 --amp \
+    --amp-dtype bf16 \
     --output $R/speed_cuda_amp || echo "speed amp failed or timed out: rc $?"
 fi
 

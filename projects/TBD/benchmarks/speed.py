@@ -345,8 +345,14 @@ def main(argv=None) -> None:
     t = {v: np.array(x) for v, x in times.items()}
     shares = profile_shares(runner)
     del runner
-    mem = {} if args.skip_memory else measure_memory(args, variants)
+    # timings written first: a time limit during the memory stage does not lose them
+    report(args, variants, t, shares, {}, memory="skipped" if args.skip_memory else "pending")
+    if not args.skip_memory:
+        report(args, variants, t, shares, measure_memory(args, variants), memory="measured")
 
+
+def report(args, variants: list[str], t: dict, shares: dict, mem: dict, memory: str) -> None:
+    """Print and write results.md/json; ``memory``: measured, pending or skipped."""
     h, w = args.size
     rows = []
     for v in variants:
@@ -385,8 +391,10 @@ def main(argv=None) -> None:
         md.append(f"| {label} | {s['step_over_floor']:.3f} | [{lo:.3f}, {hi:.3f}] | {mr} |")
     md += ["", "TBD step time shares (torch.profiler, CPU-side scope times):", ""]
     md += [f"- {k}: {v:.1%}" for k, v in shares.items()]
+    if memory == "pending":
+        md += ["", "Peak memory: not measured yet (this file is rewritten when it is)."]
     text = "\n".join(md) + "\n"
-    print(text)
+    print(text, flush=True)
     default_name = f"speed_{args.device}{'_coco' if args.coco else ''}"
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / default_name)
     settings = {"batch": args.batch, "image_size": [h, w], "amp": args.amp,
@@ -394,7 +402,8 @@ def main(argv=None) -> None:
                 "reps": args.reps, "coco": args.coco,
                 "teacher_weights": args.teacher_weights or "random",
                 "teacher_config": os.path.relpath(teacher_config(args), ROOT),
-                "optimizer": "SGD lr=0 momentum 0.9 (full step timed, weights fixed)"}
+                "optimizer": "SGD lr=0 momentum 0.9 (full step timed, weights fixed)",
+                "memory": memory}
     write_results(out, "speed", settings, rows, text)
 
 
