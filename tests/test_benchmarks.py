@@ -399,16 +399,16 @@ def test_gpu_checks_runs_the_stages_asked(tmp_path, stages, expected):
 
 
 def test_speed_amp_dtype_is_the_one_asked_or_the_devices_default():
-    assert speed.amp_dtype("cuda", None) is torch.float16
-    assert speed.amp_dtype("cpu", None) is torch.bfloat16
-    assert speed.amp_dtype("cuda", "bf16") is torch.bfloat16
+    assert speed.amp_dtype("cuda", None) == "fp16"
+    assert speed.amp_dtype("cpu", None) == "bf16"
+    assert speed.amp_dtype("cuda", "bf16") == "bf16"
     args = speed.parse_args(["--device", "cuda", "--amp", "--amp-dtype", "bf16"])
     assert speed.precision(args) == "AMP bf16"
     assert speed.precision(speed.parse_args(["--device", "cuda:0", "--amp"])) == "AMP fp16"
     assert speed.precision(speed.parse_args(["--amp-dtype", "bf16"])) == "fp32"
 
 
-def test_speed_writes_timings_before_memory_then_rewrites(tmp_path):
+def test_speed_report_hand_computed_with_and_without_memory(tmp_path):
     args = speed.parse_args(["--output", str(tmp_path), "--reps", "2"])
     args.size = [128, 128]
     variants = speed.STEP_VARIANTS + speed.INFER_VARIANTS
@@ -426,3 +426,25 @@ def test_speed_writes_timings_before_memory_then_rewrites(tmp_path):
     tbd = next(r for r in res["rows"] if r.get("method") == "tbd")
     assert tbd["mem_over_floor"] == pytest.approx(18 / 15)  # 18 / (10 + 5)
     assert "not measured yet" not in (tmp_path / "results.md").read_text()
+
+
+def test_speed_writes_timings_before_the_memory_stage(tmp_path, monkeypatch):
+    class FakeRunner:  # no models: each variant "takes" 1 ms, the TBD step 3
+        def __init__(self, args, variants):
+            pass
+
+        def timed(self, variant):
+            return 3.0 if variant == "tbd_step" else 1.0
+
+    def memory_stage_stopped(args, variants):
+        raise RuntimeError("time limit")
+
+    monkeypatch.setattr(speed, "Runner", FakeRunner)
+    monkeypatch.setattr(speed, "profile_shares", lambda runner: {})
+    monkeypatch.setattr(speed, "measure_memory", memory_stage_stopped)
+    with pytest.raises(RuntimeError, match="time limit"):
+        speed.main(["--output", str(tmp_path), "--reps", "2", "--warmup", "0"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["memory"] == "pending"
+    tbd = next(r for r in res["rows"] if r.get("method") == "tbd")
+    assert tbd["step_over_floor"] == pytest.approx(1.5)  # 3 / (1 + 1)

@@ -36,20 +36,15 @@ DISTILLERS = {"tbd_step": ["HD", "TFD"], "frs_step": ["FRS"], "fgd_step": ["FGD"
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def amp_dtype(device_type: str, name: str | None) -> torch.dtype:
-    """The autocast dtype: the one named, else fp16 on cuda (AMPTrainer's) and bf16 on cpu (the
-    only one CPU autocast runs fast)."""
-    if name:
-        return AMP_DTYPES[name]
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
+def amp_dtype(device_type: str, name: str | None) -> str:
+    """The autocast dtype's name: the one asked, else fp16 on cuda (AMPTrainer's) and bf16 on cpu
+    (the only one CPU autocast runs fast)."""
+    return name or ("fp16" if device_type == "cuda" else "bf16")
 
 
 def precision(args) -> str:
     """'fp32', or 'AMP <dtype>' as used."""
-    if not args.amp:
-        return "fp32"
-    dtype = amp_dtype(args.device.split(":")[0], args.amp_dtype)
-    return "AMP " + next(k for k, v in AMP_DTYPES.items() if v == dtype)
+    return f"AMP {amp_dtype(args.device.split(':')[0], args.amp_dtype)}" if args.amp else "fp32"
 
 
 def parse_args(argv=None):
@@ -191,7 +186,7 @@ class Runner:
             torch.cuda.synchronize()
 
     def _autocast(self):
-        dtype = amp_dtype(self.device.type, self.args.amp_dtype)
+        dtype = AMP_DTYPES[amp_dtype(self.device.type, self.args.amp_dtype)]
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.args.amp)
 
     def call(self, variant: str) -> None:
