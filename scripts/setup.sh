@@ -107,8 +107,9 @@ if [ "${TBD_SKIP_DEV:-0}" != "1" ] && ! "$VPY" -c "import pytest, ruff" 2>/dev/n
 fi
 
 # Checked from / : in the repository root, `import tbd` would find ./tbd without any install,
+# (the benchmarks and tools are installed as the packages tbd_benchmarks and tbd_tools),
 # and subprocesses started elsewhere (python projects/TBD/train_net.py) would not.
-if ! (cd / && "$VPY" -c "import tbd") 2>/dev/null || \
+if ! (cd / && "$VPY" -c "import tbd, tbd_benchmarks, tbd_tools") 2>/dev/null || \
    [ "$(cd / && "$VPY" -c 'import os, tbd; print(os.path.dirname(os.path.dirname(tbd.__file__)))')" != "$ROOT" ]; then
   log "installing this project (editable)"
   "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT"

@@ -6,16 +6,18 @@ Importing this package registers DistillMetaArch (META_ARCH_REGISTRY), the disti
 
 from .config import add_tbd_config, student_config, validate_distill_config
 from .data import register_default_shapes
-from .losses import DISTILL_LOSS_REGISTRY
-from .meta_arch import DistillMetaArch
-from .teacher import TeacherError, build_teacher
+from .distillers import DISTILL_LOSS_REGISTRY, METHODS, Distiller
+from .modeling import DistillMetaArch, DistillMixin, TeacherError, build_teacher
 
 register_default_shapes()
 
 __version__ = "0.1.0"
 __all__ = [
     "DISTILL_LOSS_REGISTRY",
+    "METHODS",
     "DistillMetaArch",
+    "DistillMixin",
+    "Distiller",
     "TeacherError",
     "add_tbd_config",
     "build_teacher",

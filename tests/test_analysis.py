@@ -1,6 +1,5 @@
 """Harmony analysis: statistics by hand, dense predictions of a crafted model, the CLI tool."""
 
-import importlib.util
 import json
 import math
 
@@ -12,7 +11,7 @@ from detectron2.structures import Boxes, pairwise_iou
 
 from tbd.analysis import collect_score_iou, harmony_maps, summarize
 
-from .conftest import ROOT, make_batch, save_weights, tiny_retinanet_cfg, write_cfg
+from .conftest import make_batch, save_weights, tiny_retinanet_cfg, write_cfg
 
 
 def test_summarize_hand_computed():
@@ -70,10 +69,8 @@ def test_analyze_harmony_tool(tmp_path, tiny_datasets):
     cfg = tiny_retinanet_cfg()
     cfg.DATASETS.TEST = (tiny_datasets[1],)
     weights = save_weights(_constant_model(bias=0.0), tmp_path / "m.pth")
-    spec = importlib.util.spec_from_file_location(
-        "analyze_harmony", ROOT / "projects/TBD/tools/analyze_harmony.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tbd_tools import analyze_harmony as tool
+
     out = tmp_path / "harmony"
     tool.main(["--config-file", write_cfg(cfg, tmp_path / "c.yaml"), "--output", str(out),
                "MODEL.WEIGHTS", weights])
@@ -88,10 +85,8 @@ def test_visualize_tool(tmp_path, tiny_datasets):
 
     cfg = tiny_distill_cfg(tmp_path)
     cfg.DATASETS.TEST = (tiny_datasets[1],)
-    spec = importlib.util.spec_from_file_location(
-        "visualize", ROOT / "projects/TBD/tools/visualize.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tbd_tools import visualize as tool
+
     out = tmp_path / "vis"
     assert tool.main(["--config-file", write_cfg(cfg, tmp_path / "d.yaml"), "--output", str(out),
                       "--num-images", "2", "--score-thresh", "0.0"]) == 0

@@ -4,7 +4,6 @@ written (OUTPUT_DIR is not created). Also: images without boxes train; non-finit
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import replace
 
@@ -19,11 +18,8 @@ from detectron2.utils.events import EventStorage
 from tbd.data import DataError, check_dataset
 from tbd.data.loader import box_stats
 
-from .conftest import ROOT, make_batch, make_teacher, tiny_distill_cfg, write_cfg
-
-_spec = importlib.util.spec_from_file_location("tbd_train_net", ROOT / "projects/TBD/train_net.py")
-train_net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_net)
+from .conftest import make_batch, make_teacher, tiny_distill_cfg, write_cfg
+from .helpers import run_main
 
 
 def _register(name: str, records: list[dict]) -> str:
@@ -134,7 +130,7 @@ def test_bad_input_named_and_nothing_written(case, tmp_path, tiny_datasets):
     args = default_argument_parser().parse_args(
         ["--config-file", write_cfg(cfg, tmp_path / "cfg.yaml")])
     with pytest.raises((SystemExit, ValueError)) as err:
-        train_net.main(args)
+        run_main(args)
     assert words in str(err.value), str(err.value)
     assert not (tmp_path / "out").exists()
 
@@ -169,7 +165,7 @@ def test_images_without_boxes_train(tmp_path, tiny_datasets):
     cfg.SOLVER.MAX_ITER = 4
     args = default_argument_parser().parse_args(
         ["--config-file", write_cfg(cfg, tmp_path / "cfg.yaml")])
-    train_net.main(args)
+    run_main(args)
     assert (tmp_path / "out" / "model_final.pth").is_file()
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "1 of 3 boxes extend outside their image and are clipped; 1 are degenerate" in log
@@ -218,13 +214,13 @@ def test_huge_finite_student_features_are_named_as_divergence(tmp_path, monkeypa
     """|F_S| ~ 1e20 is finite, but TFD's squared difference overflows fp32: the message must
     point at the diverging student (learning rate, clipping), not at the term's weight."""
     model = build_model(tiny_distill_cfg(tmp_path))
-    real = model._distill_inputs
+    real = model.make_distill_inputs
 
     def huge(*args, **kwargs):
         inputs = real(*args, **kwargs)
         return replace(inputs, student_features=[f * 1e20 for f in inputs.student_features])
 
-    monkeypatch.setattr(model, "_distill_inputs", huge)
+    monkeypatch.setattr(model, "make_distill_inputs", huge)
     with EventStorage(0), pytest.raises(FloatingPointError) as err:
         model(make_batch(2))
     msg = str(err.value)

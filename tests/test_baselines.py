@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tbd.losses.fgd import FGD, ContextBlock, fgd_attention, fgd_masks
-from tbd.losses.frs import FRS
+from tbd.distillers.fgd import FGD, ContextBlock, fgd_attention, fgd_masks
+from tbd.distillers.frs import FRS
 
 from .test_losses import _bce, _sig, _tfd_inputs
 

@@ -8,9 +8,10 @@ from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from tbd.losses.primitives import masked_feature_loss, normalise_per_image, weighted_mean
-from tbd.losses.registry import DistillInputs
-from tbd.losses.tbd import HD, TFD
+from tbd.distillers.hd import HD
+from tbd.distillers.primitives import masked_feature_loss, normalise_per_image, weighted_mean
+from tbd.distillers.registry import DistillInputs
+from tbd.distillers.tfd import TFD
 
 
 def _bce(z: float, p: float) -> float:
@@ -48,7 +49,7 @@ def _inputs_two_anchors(student_dx: float = 0.1) -> DistillInputs:
         teacher_deltas=[t_deltas],
         anchors=[Boxes(torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0]]))],
         gt_labels=torch.tensor([[0, 2]]),
-        matched_idxs=torch.tensor([[0, 0]]),
+        matched=torch.tensor([[0, 0]]),
         gt_instances=[inst],
         num_classes=2,
         student_box2box=b2b,
@@ -128,7 +129,7 @@ def _tfd_inputs(gamma_logit: float = 0.0) -> DistillInputs:
         teacher_deltas=[torch.zeros(1, 4, 2, 2)],
         anchors=[Boxes(anchors)],
         gt_labels=torch.tensor([[0, 1, 1, 1]]),
-        matched_idxs=torch.zeros(1, 4, dtype=torch.long),
+        matched=torch.zeros(1, 4, dtype=torch.long),
         gt_instances=[inst],
         num_classes=1,
         student_box2box=b2b,

@@ -12,7 +12,7 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
 import tbd
-from tbd.teacher import TeacherError, teacher_is_frozen
+from tbd.modeling.teacher import TeacherError, teacher_is_frozen
 
 from .conftest import (
     make_batch,
@@ -221,7 +221,11 @@ def test_num_classes_and_anchor_mismatch(tmp_path):
     cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]"]
     with pytest.raises(TeacherError, match="ANCHOR_GENERATOR"):
         build_model(cfg)
-    cfg.MODEL.DISTILL.LOSSES = ["TFD"]  # TFD needs no anchor pairing
+    # TFD's regression mask decodes the teacher's deltas on the student's anchors: refused too
+    cfg.MODEL.DISTILL.LOSSES = ["TFD"]
+    with pytest.raises(TeacherError, match=r"\['TFD'\] pair anchors"):
+        build_model(cfg)
+    cfg.MODEL.DISTILL.LOSSES = ["FGD"]  # FGD needs paired FPN features only
     assert build_model(cfg).teacher.num_classes == 5
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances
 
-from tbd.losses.quality import harmony_score, teacher_cls_quality, teacher_loc_quality
+from tbd.distillers.quality import harmony_score, teacher_cls_quality, teacher_loc_quality
 
 
 def _t(*v):

@@ -1,6 +1,6 @@
 """Release files: student-only keys, metadata, sha naming, corruption, stock AP, tracing."""
 
-import importlib.util
+import importlib
 import json
 import pickle
 
@@ -13,15 +13,12 @@ from detectron2.modeling import build_model
 import tbd
 from tbd.checkpoint import ReleaseError, export_student, sha256_file, verify_release_file
 
-from .conftest import ROOT, make_batch, tiny_distill_cfg, tiny_retinanet_cfg
+from .conftest import make_batch, tiny_distill_cfg, tiny_retinanet_cfg
 from .test_train_net import _run, _tiny_train_cfg
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"projects/TBD/tools/{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"tbd_tools.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +102,7 @@ def test_export_refuses_wrong_config(tmp_path):
 
 
 def test_traced_student_matches_eager(trained, tmp_path):
-    from tbd.export import trace_student
+    from tbd.checkpoint import trace_student
 
     cfg, ckpt, _, _ = trained
     model = build_model(tbd.student_config(cfg))

@@ -1,6 +1,5 @@
 """projects/TBD/train_net.py end to end on CPU: configs, a training step, --eval-only, bad input."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -11,10 +10,7 @@ from detectron2.engine import default_argument_parser
 import tbd
 
 from .conftest import CONFIGS, ROOT, tiny_distill_cfg, tiny_retinanet_cfg, write_cfg
-
-_spec = importlib.util.spec_from_file_location("tbd_train_net", ROOT / "projects/TBD/train_net.py")
-train_net = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_net)
+from .helpers import run_main
 
 ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml"))
 
@@ -53,7 +49,7 @@ def _run(cfg, tmp_path, *extra, name="cfg.yaml"):
     args = default_argument_parser().parse_args(
         ["--config-file", write_cfg(cfg, tmp_path / name), *extra]
     )
-    return train_net.main(args)
+    return run_main(args)
 
 
 def _tiny_train_cfg(cfg, tiny_datasets, out, iters):
@@ -97,7 +93,7 @@ def test_student_one_step(tmp_path, tiny_datasets):
 def test_missing_config_file(tmp_path):
     args = default_argument_parser().parse_args(["--config-file", str(tmp_path / "none.yaml")])
     with pytest.raises(SystemExit, match="none.yaml"):
-        train_net.main(args)
+        run_main(args)
 
 
 def test_unknown_dataset_and_missing_weights(tmp_path):

@@ -1,4 +1,5 @@
-"""The paper's motivating measurement (METHOD.md section 7) for any RetinaNet-type detector.
+"""The paper's motivating measurement (docs/METHOD.md, "Harmony analysis") for any
+RetinaNet-type detector.
 
 Over every anchor's raw prediction (before the score threshold and NMS) whose decoded box has
 IoU >= ``iou_thresh`` with some GT: take the GT it overlaps most, ``s`` = the prediction's score
@@ -18,8 +19,9 @@ import torch
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.structures import Boxes, pairwise_iou
 
-from ..losses.quality import harmony_score
-from ..losses.registry import DistillInputs
+from ..distillers.quality import harmony_score
+from ..distillers.registry import DistillInputs
+from ..modeling.taps import batch_taps
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,8 @@ def _check_dense(model) -> RetinaNet:
 def dense_predictions(model: RetinaNet, batched_inputs: list[dict]):
     """Per-anchor scores [N, R, K] and boxes [N, R, 4] (input-image coordinates), plus anchors."""
     _check_dense(model)
-    images = model.preprocess_image(batched_inputs)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
-    logits, deltas = model.head(feats)
+    taps = batch_taps(model, batched_inputs)
+    feats, logits, deltas = taps.features, taps.logits, taps.deltas
     anchors = model.anchor_generator(feats)
     probs = DistillInputs.flatten_levels(logits, model.num_classes).float().sigmoid()
     d = DistillInputs.flatten_levels(deltas, 4).float()

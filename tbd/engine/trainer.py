@@ -6,7 +6,8 @@
   needs: the optimizer state (SGD momentum) and AMP grad scaler, and under ``"tbd"`` the data
   stream's position (:class:`tbd.data.ResumableTrainLoader`), the RNG states (of process 0),
   RetinaNet's EMA loss normaliser, and the teacher's fingerprint (sha256 of its config and
-  weights). ``--resume`` restores them and refuses a different teacher.
+  weights). ``--resume`` restores them; a different teacher is refused before (see
+  :func:`tbd.engine.defaults.prepare_training`).
 * Multi-process on CPU (gloo): DDP without ``device_ids``; never ``find_unused_parameters``
   (every adapter takes part in every step).
 * COCO evaluation; the bundled synthetic datasets are generated on first use.
@@ -39,7 +40,6 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import TrainingCheckpointer, remove_stale_temporaries
 from ..data import ensure_generated, is_shapes_dataset
 from ..data.loader import ResumableTrainLoader, build_resumable_train_loader
-from ..teacher import TeacherError
 from .hooks import MemoryMonitor
 
 logger = logging.getLogger(__name__)
@@ -89,33 +89,13 @@ def set_rng_state(st: dict) -> None:
                            "restored.", len(st["cuda"]), torch.cuda.device_count())
 
 
-def _describe(fp: Optional[dict]) -> str:
-    if not fp:
-        return "no teacher (MODEL.DISTILL.LOSSES empty)"
-    w = fp["weights_sha256"][:12] if fp.get("weights_sha256") else "none"
-    return (f"config {fp['config']!r} (sha256 {fp['config_sha256'][:12]}), weights "
-            f"{fp['weights']!r} (sha256 {w})")
-
-
-def check_same_teacher(saved: Optional[dict], current: Optional[dict], checkpoint: str) -> None:
-    """Raise TeacherError if a checkpoint's teacher fingerprint differs from the current one."""
-    keys = ("config_sha256", "weights_sha256")
-    if [(saved or {}).get(k) for k in keys] == [(current or {}).get(k) for k in keys]:
-        return
-    raise TeacherError(
-        f"--resume: {checkpoint} was trained with the teacher {_describe(saved)}, but "
-        f"MODEL.DISTILL.TEACHER now gives {_describe(current)}. A distillation resumes with its "
-        "own teacher: restore MODEL.DISTILL.TEACHER.CONFIG, WEIGHTS and OPTS. To go on from this "
-        "student with another teacher on purpose, start a new run in another OUTPUT_DIR with "
-        "MODEL.WEIGHTS=<checkpoint>, without --resume."
-    )
-
-
 class DistillTrainer(DefaultTrainer):
     """DefaultTrainer for DistillMetaArch (and plain RetinaNet) runs; see the module doc."""
 
     def __init__(self, cfg: CfgNode, *, model: Optional[nn.Module] = None,
                  train_dicts: Optional[list[dict]] = None):
+        # DefaultTrainer.__init__ rebuilt: v0.6's takes no prebuilt model, its DDP needs CUDA, and
+        # its checkpointer is not atomic (the hooks are built from the checkpointer set here).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -183,12 +163,9 @@ class DistillTrainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # The checkpoint's teacher was compared with this one before anything was written
+        # (tbd.engine.defaults.prepare_training -> tbd.modeling.teacher.check_resume_teacher).
         extra = state_dict.get("tbd")
-        if extra is not None:
-            # Before anything is changed.
-            check_same_teacher(extra.get("teacher"),
-                               getattr(self.student, "teacher_fingerprint", None),
-                               f"the checkpoint in {self.cfg.OUTPUT_DIR}")
         super().load_state_dict(state_dict)
         if not _D2_SAVES_INNER_TRAINER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])

@@ -2,7 +2,8 @@
 
 ``python -m tests.golden.record`` (from the repository root) writes ``tests/golden/losses.json``
 with the loss values of a few SGD steps for each distiller and the commit they came from;
-``tests/test_golden.py`` replays the same steps and compares them to 1e-6 relative. Weights are set
+``tests/test_golden.py`` replays the same steps (``--print``: the values as JSON on stdout, nothing
+written) in a fresh process and compares them to 1e-6 relative. Weights are set
 from each parameter's name, not from the construction order, so that moving code (which changes
 the order in which modules draw from the RNG) does not change the numbers; only a change of what
 the losses compute does.
@@ -80,24 +81,32 @@ def record_all(tmp_dir: Path) -> dict:
 
 
 def run_case_fixed_executor(losses: list[str], tmp_dir: Path) -> list[dict[str, float]]:
-    """``run_case`` with TorchScript's graph optimisation off, which Detectron2's scripted focal
-    loss otherwise applies from its second call in a process on: the values then do not depend on
-    which cases ran before in the same process."""
+    """``run_case`` with TorchScript's graph optimisation off. Detectron2's scripted focal loss
+    otherwise runs another graph from its second call in a process on; with it off from the
+    process's start, a case's values do not depend on the cases before it. (Once a graph was
+    optimised, turning it off no longer gives those values: hence the fresh process.)"""
     with torch.jit.optimized_execution(False):
         return run_case(losses, tmp_dir)
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    import logging
     import tempfile
 
     torch.set_num_threads(1)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    logging.disable(logging.WARNING)  # stdout carries the JSON only
     with tempfile.TemporaryDirectory() as d:
         cases = record_all(Path(d))
+    if "--print" in argv:
+        print(json.dumps(cases))
+        return
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
     OUT.write_text(json.dumps({"commit": commit, "steps": STEPS, "cases": cases}, indent=1) + "\n")
     print(f"wrote {OUT} from commit {commit}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

@@ -1,9 +1,8 @@
-"""A training run through projects/TBD/train_net.py's functions, reporting per-iteration losses
-(process 0) and what each process built. Run in-process or by tbd.engine.launch (gloo)."""
+"""A training run through the functions projects/TBD/train_net.py uses, reporting per-iteration
+losses (process 0) and what each process built. Run in-process or by tbd.engine.launch (gloo)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,15 +17,14 @@ def train_and_report(cfg_path: str, report: str, dataset: tuple[str, str, str]) 
     name, json_file, image_root = dataset
     if name not in DatasetCatalog.list():  # a spawned process: register the test's dataset
         register_coco_instances(name, {}, json_file, image_root)
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects/TBD/train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
+    from tbd.engine import DistillTrainer, argument_parser, setup_config
+    from tbd.engine.defaults import prepare_training, setup_outputs
 
-    args = train_net.argument_parser().parse_args(["--config-file", cfg_path])
-    cfg = train_net.setup(args)
-    model, dicts = train_net.prepare(cfg, args)
-    train_net.setup_outputs(cfg, args)
-    trainer = train_net.Trainer(cfg, model=model, train_dicts=dicts)
+    args = argument_parser().parse_args(["--config-file", cfg_path])
+    cfg = setup_config(args)
+    model, dicts = prepare_training(cfg, args)
+    setup_outputs(cfg, args)
+    trainer = DistillTrainer(cfg, model=model, train_dicts=dicts)
     trainer.resume_or_load(resume=False)
     trainer.train()
     ddp = trainer._trainer.model
@@ -45,13 +43,14 @@ def nonfinite_on_rank1(cfg, report: str) -> None:
     from detectron2.modeling import build_model
     from detectron2.utils import comm
 
+    from tbd.modeling.guards import check_finite
     from tests.conftest import make_batch
 
     model = build_model(cfg)
     inputs = model.distill_inputs(make_batch(2))
     value = float("nan") if comm.get_rank() == 1 else 1.0
     try:
-        model._check_finite({"loss_x": torch.tensor(value)}, inputs, 5)
+        check_finite({"loss_x": torch.tensor(value)}, inputs, 5)
         msg = "no error"
     except FloatingPointError as e:
         msg = str(e)

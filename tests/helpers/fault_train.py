@@ -1,11 +1,10 @@
-"""Run projects/TBD/train_net.py's main in this process, and SIGKILL the process in the middle of
-writing its Nth checkpoint (env TBD_TEST_KILL_AT_SAVE=N; 0 = never). Env TBD_TEST_DATASET=
+"""Run what projects/TBD/train_net.py runs, in this process, and SIGKILL the process in the middle
+of writing its Nth checkpoint (env TBD_TEST_KILL_AT_SAVE=N; 0 = never). Env TBD_TEST_DATASET=
 "name|json_file|image_root" registers a test's COCO-format dataset in this process.
 
     python tests/helpers/fault_train.py --config-file cfg.yaml [--resume] [KEY VALUE ...]
 """
 
-import importlib.util
 import os
 import signal
 import sys
@@ -36,7 +35,8 @@ if __name__ == "__main__":
 
         name, json_file, image_root = os.environ["TBD_TEST_DATASET"].split("|")
         register_coco_instances(name, {}, json_file, image_root)
-    spec = importlib.util.spec_from_file_location("train_net", ROOT / "projects/TBD/train_net.py")
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
-    train_net.main(train_net.argument_parser().parse_args(sys.argv[1:]))
+    from tbd.engine import argument_parser, evaluate, setup_config, train
+
+    args = argument_parser().parse_args(sys.argv[1:])
+    cfg = setup_config(args)
+    evaluate(cfg, args) if args.eval_only else train(cfg, args)

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, git_commit, write_results  # noqa: E402
+from tbd_benchmarks.common import ROOT, git_commit, write_results
 
-CONFIG = "projects/TBD/configs/shapes/tbd_R34_to_R18.yaml"
+CONFIG = "projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml"
 TEACHER_CONFIG = "projects/TBD/configs/shapes/retinanet_R18_FPN256_teacher.yaml"
 
 

@@ -11,6 +11,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
+SHAPES = "projects/TBD/configs/shapes"
+# The benchmark's pair: the R18-FPN256 teacher (4 head convs) and the R18-FPN64 student (2).
+PAIR = "R18_FPN256_to_R18_FPN64"
+
+
+def method_config(method: str) -> str:
+    """The shapes config of a method of ``tbd.METHODS`` on the benchmark's pair: the student alone
+    for "baseline", else ``<method>_<PAIR>.yaml``."""
+    if method.lower() == "baseline":
+        return f"{SHAPES}/retinanet_R18_FPN64_student.yaml"
+    return f"{SHAPES}/{method.lower()}_{PAIR}.yaml"
 
 
 def machine_info() -> dict:

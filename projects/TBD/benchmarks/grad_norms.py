@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python projects/TBD/benchmarks/grad_norms.py \\
         --iters 330 --output grad_norms.jsonl -- \\
-        --config-file projects/TBD/configs/shapes/tbd_R34_to_R18.yaml SEED 2 ...
+        --config-file projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml SEED 2 ...
 
 Everything after ``--`` is ``train_net.py``'s command line. The run trains as ``train_net.py``
 would and stops after ``--iters`` optimizer steps; before each step it writes one JSON line:
@@ -24,8 +24,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-
-TRAIN_NET_DIR = str(Path(__file__).resolve().parents[1])
 
 
 class _Stop(Exception):
@@ -86,18 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.iters is None or args.output is None:
         p.error("--iters and --output are required to log a run (or give --summary FILE...)")
-    sys.path.insert(0, TRAIN_NET_DIR)
-    import train_net  # only to log a run: --summary needs no Detectron2
+    # Only to log a run: --summary needs no Detectron2.
+    from tbd.engine import DistillTrainer, argument_parser, setup_config, train
 
-    train_args = train_net.argument_parser().parse_args(argv[split + 1:])
+    train_args = argument_parser().parse_args(argv[split + 1:])
     if train_args.eval_only or train_args.num_gpus != 1:
         sys.exit("grad_norms.py logs one training process: drop --eval-only / --num-gpus.")
-    trainer = train_net.Trainer
+    cfg = setup_config(train_args)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w") as out:
-        class LoggingTrainer(trainer):
-            """The project's trainer with a logging optimizer. A subclass set as train_net.Trainer
-            for this run only: the shared DistillTrainer class is never changed."""
+        class LoggingTrainer(DistillTrainer):
+            """The project's trainer with a logging optimizer, for this run only."""
 
             @classmethod
             def build_optimizer(cls, cfg, model):
@@ -105,13 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 return logging_optimizer(super().build_optimizer(cfg, model), names, out,
                                          args.iters - 1)
 
-        train_net.Trainer = LoggingTrainer
         try:
-            train_net.main(train_args)
+            train(cfg, train_args, LoggingTrainer)
         except _Stop:
             pass
-        finally:
-            train_net.Trainer = trainer
     print(f"wrote {args.iters} steps to {args.output}")
     return 0
 

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, git_commit, write_results  # noqa: E402
+from tbd_benchmarks.common import ROOT, git_commit, write_results
 
-CONFIG = "projects/TBD/configs/shapes/tbd_R34_to_R18.yaml"
+CONFIG = "projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml"
 
 
 def slope(iters: np.ndarray, mb: np.ndarray) -> tuple[float, float]:
@@ -87,6 +86,10 @@ def plot(it, own, workers, start, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher-weights", required=True)
+    p.add_argument("--teacher-config",
+                   default="projects/TBD/configs/shapes/retinanet_R34_FPN128_teacher.yaml",
+                   help="the teacher's config (default: the R34-FPN128 teacher the committed soak "
+                   "results used)")
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--eval-period", type=int, default=1000)
@@ -109,6 +112,7 @@ def main(argv=None) -> None:
            "DATASETS.TRAIN", "('tbd_shapes_mini_train',)",
            "DATASETS.TEST", "('tbd_shapes_mini_val',)",
            "DATALOADER.NUM_WORKERS", str(args.workers),
+           "MODEL.DISTILL.TEACHER.CONFIG", args.teacher_config,
            "MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights, "OUTPUT_DIR", str(work)]
     t0 = time.time()
     if not args.analyze_only:

@@ -26,13 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from tbd.distillers import METHODS
+from tbd.modeling import dense_taps
+from tbd.modeling.teacher import teacher_images
+from tbd_benchmarks.common import ROOT, write_results
 
 CFG = ROOT / "projects" / "TBD" / "configs"
-STEP_VARIANTS = ["student_step", "teacher_forward", "tbd_step", "frs_step", "fgd_step"]
 INFER_VARIANTS = ["student_inference", "stock_inference"]
-DISTILLERS = {"tbd_step": ["HD", "TFD"], "frs_step": ["FRS"], "fgd_step": ["FGD"]}
+# One training-step row per method of tbd.METHODS (the student alone is "student_step").
+DISTILLERS = {f"{m.lower()}_step": list(losses) for m, losses in METHODS.items() if losses}
+STEP_VARIANTS = ["student_step", "teacher_forward", *DISTILLERS]
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -158,7 +161,7 @@ class Runner:
             self.models["student"] = build_model(tbd.student_config(student_cfg))
         if "teacher_forward" in variants:
             tcfg = distill_cfg(student_cfg, teacher_path, ["TFD"], args.teacher_weights)
-            # a DistillMetaArch only for its _teacher_images preprocessing, and its teacher
+            # a DistillMetaArch for its teacher and the two input formats
             self.teacher_holder = build_model(tcfg)
             self.models["teacher"] = self.teacher_holder.teacher
         for v, losses in DISTILLERS.items():
@@ -195,8 +198,9 @@ class Runner:
             teacher = self.models["teacher"]
             with torch.no_grad(), self._autocast():
                 images = holder.preprocess_image(self.batch)
-                feats = teacher.backbone(holder._teacher_images(self.batch, images))
-                teacher.head([feats[f] for f in teacher.head_in_features])
+                dense_taps(teacher, teacher_images(teacher, self.batch, images,
+                                                   holder.input_format,
+                                                   holder.teacher_input_format))
             return
         if variant in ("student_inference", "stock_inference"):
             model = self.models["tbd_step" if variant == "student_inference" else "student"]

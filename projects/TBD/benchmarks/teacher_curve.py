@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, eval_bbox, git_commit, log_beside, write_results  # noqa: E402
+from tbd_benchmarks.common import ROOT, eval_bbox, git_commit, log_beside, write_results
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
 

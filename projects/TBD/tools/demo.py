@@ -69,9 +69,11 @@ def main() -> None:
         "teacher": (CONFIGS / "retinanet_R34_FPN128_teacher.yaml", args.teacher_iters, []),
         "baseline student": (CONFIGS / "retinanet_R18_FPN64_student.yaml", args.student_iters, []),
         "TBD student": (
-            CONFIGS / "tbd_R34_to_R18.yaml",
+            CONFIGS / "tbd_R18_FPN256_to_R18_FPN64.yaml",
             args.student_iters,
-            ["MODEL.DISTILL.TEACHER.WEIGHTS", str(out / "teacher" / "model_final.pth")],
+            ["MODEL.DISTILL.TEACHER.CONFIG",
+             str((CONFIGS / "retinanet_R34_FPN128_teacher.yaml").relative_to(ROOT)),
+             "MODEL.DISTILL.TEACHER.WEIGHTS", str(out / "teacher" / "model_final.pth")],
         ),
     }
     rows = []

@@ -2,8 +2,9 @@
 """Turn a training checkpoint (DistillMetaArch or another wrapper) into a model-zoo release.
 
     python projects/TBD/tools/export_student.py \\
-        --config-file projects/TBD/configs/shapes/tbd_R34_to_R18.yaml \\
-        --checkpoint output/shapes/tbd_R34_to_R18/model_final.pth --output release/tbd_R34_to_R18
+        --config-file projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml \\
+        --checkpoint output/shapes/tbd_R18_FPN256_to_R18_FPN64/model_final.pth \\
+        --output release/tbd_R18_FPN256_to_R18_FPN64
 
 Writes ``model_final_<sha256[:8]>.pth`` (student weights only, stock RetinaNet keys),
 ``model_final_<sha8>.json`` (config, teacher, schedule, AP, training time, commit) and

@@ -25,14 +25,24 @@ ROOT = Path(__file__).resolve().parents[3]
 SHAPES = "projects/TBD/configs/shapes"
 # Results written before accuracy.py recorded its teacher's config used this one.
 LEGACY_TEACHER = f"{SHAPES}/retinanet_R34_FPN128_teacher.yaml"
-ROWS = [  # (row, method in results.json, config, speed row for train time, run folder)
-    ("teacher", "teacher", None, None, None),  # config and name: teacher_of(results settings)
-    ("baseline R18-FPN64", "baseline", f"{SHAPES}/retinanet_R18_FPN64_student.yaml",
-     "student_step", "baseline_s0"),
-    ("FRS", "frs", f"{SHAPES}/frs_R34_to_R18.yaml", "frs_step", "frs_s0"),
-    ("FGD", "fgd", f"{SHAPES}/fgd_R34_to_R18.yaml", "fgd_step", "fgd_s0"),
-    ("TBD (HD + TFD)", "tbd", f"{SHAPES}/tbd_R34_to_R18.yaml", "tbd_step", "tbd_harmony_s0"),
-]
+
+
+def rows() -> list[tuple]:
+    """(row, method in results.json, config, speed row for train time, run folder): the teacher,
+    then every method of tbd.METHODS, seed 0 (names and folders as the benchmarks give them)."""
+    from tbd.distillers import METHODS
+    from tbd_benchmarks.accuracy_protocol import run_name
+    from tbd_benchmarks.common import method_config
+
+    out = [("teacher", "teacher", None, None, None)]  # config and name: teacher_of(settings)
+    for method, losses in METHODS.items():
+        key = method.lower()
+        label = ("baseline R18-FPN64" if not losses else
+                 method if len(losses) == 1 else f"{method} ({' + '.join(losses)})")
+        spec = {"method": key, "hs_form": "harmony" if key == "tbd" else None, "seed": 0}
+        out.append((label, key, method_config(method), f"{key}_step" if losses else "student_step",
+                    run_name(spec)))
+    return out
 
 
 def teacher_of(settings: dict) -> tuple[str, str, int]:
@@ -75,12 +85,12 @@ def main(argv=None) -> int:
     lines = ["| name | teacher | lr sched | train time (s/iter) | inference time (s/im) | "
              "train mem (GB) | box AP | ΔAP vs baseline | model id | download |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, method, config, speed_row, run in ROWS:
+    for name, method, config, speed_row, run in rows():
         if method == "teacher":
             name, config = f"teacher {teacher_name}", teacher_config
-        rows = [r for r in acc["rows"] if r["method"] == method
+        runs = [r for r in acc["rows"] if r["method"] == method
                 and (method != "tbd" or r["hs_form"] == "harmony") and not r["indicative"]]
-        aps = [r["AP"] for r in rows if r.get("AP") is not None]
+        aps = [r["AP"] for r in runs if r.get("AP") is not None]
         ap = sum(aps) / len(aps) if aps else None
         if method == "baseline":
             base_ap = ap

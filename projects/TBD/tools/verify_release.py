@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Check that a released student reproduces its recorded AP with stock Detectron2.
 
-    python projects/TBD/tools/verify_release.py release/tbd_R34_to_R18/model_final_1a2b3c4d.pth
+    python projects/TBD/tools/verify_release.py \\
+        release/tbd_R18_FPN256_to_R18_FPN64/model_final_1a2b3c4d.pth
 
 Stock means: ``detectron2.config.get_cfg()`` without this project's keys, ``build_model`` and
 ``DetectionCheckpointer`` on the release's own ``*_config.yaml``, COCOEvaluator on the config's

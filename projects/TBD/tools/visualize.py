@@ -2,8 +2,9 @@
 """Draw teacher and student detections, the teacher's Harmony Score and TFD masks over images.
 
     python projects/TBD/tools/visualize.py \\
-        --config-file projects/TBD/configs/shapes/tbd_R34_to_R18.yaml --output output/vis \\
-        --num-images 4 MODEL.WEIGHTS output/shapes/tbd_R34_to_R18/model_final.pth
+        --config-file projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml \\
+        --output output/vis --num-images 4 \\
+        MODEL.WEIGHTS output/shapes/tbd_R18_FPN256_to_R18_FPN64/model_final.pth
 
 One PNG per image: the image with GT (green), teacher detections (red) and student detections
 (blue) above ``--score-thresh``; the teacher's HS on the student's foreground anchors and the TFD
@@ -26,7 +27,10 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from tbd.analysis import build_analysis_loader
 from tbd.config import load_config
 from tbd.data import ensure_generated, is_shapes_dataset
-from tbd.losses.tbd import TFD, compute_harmony
+from tbd.distillers.hd import compute_harmony
+from tbd.distillers.tfd import TFD
+from tbd.modeling import dense_taps
+from tbd.modeling.teacher import teacher_images
 
 
 def _boxes(ax, boxes, color, scores=None):
@@ -76,11 +80,12 @@ def main(argv=None) -> int:
         with torch.no_grad():
             inputs = model.distill_inputs(batch)
             student = model(batch)[0]["instances"]
-            t_images = model._teacher_images(batch, model.preprocess_image(batch))
             teacher_model = model.teacher
+            t_images = teacher_images(teacher_model, batch, model.preprocess_image(batch),
+                                      model.input_format, model.teacher_input_format)
+            taps = dense_taps(teacher_model, t_images)
             h, w = batch[0]["image"].shape[-2:]
-            t_out = teacher_model.forward_inference(
-                model.preprocess_image(batch), *_teacher_feats(teacher_model, t_images))[0]
+            t_out = teacher_model.forward_inference(t_images, taps.features, taps.predictions)[0]
             teacher = detector_postprocess(t_out, h, w)
         hs = compute_harmony(inputs, hs_cfg.FORM, hs_cfg.ALIGNED_ALPHA, hs_cfg.ALIGNED_BETA)
         n_first = inputs.num_anchors_per_level[0]
@@ -110,12 +115,6 @@ def main(argv=None) -> int:
         plt.close(fig)
     print(f"wrote {min(k + 1, args.num_images)} images to {out}")
     return 0
-
-
-def _teacher_feats(teacher, images: torch.Tensor):
-    feats = teacher.backbone(images)
-    feats = [feats[f] for f in teacher.head_in_features]
-    return feats, list(teacher.head(feats))
 
 
 if __name__ == "__main__":

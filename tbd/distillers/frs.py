@@ -1,4 +1,4 @@
-"""FRS baseline (Du et al., NeurIPS 2021), as METHOD.md section 8 specifies it [peer].
+"""FRS (Du et al., NeurIPS 2021), following its official code [peer] (docs/METHOD.md, "FRS").
 
 Per FPN level: mask ``m = max_{A*K} sigmoid(z_T)`` (no GT), a 3x3 adapter, a masked feature term
 and a masked element-wise BCE term on the raw logits, both normalised by ``sum m``. No regression
@@ -9,19 +9,49 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from .primitives import build_adapters, masked_feature_loss, max_score_mask, reduce_mean
-from .registry import DISTILL_LOSS_REGISTRY, DistillInputs
+from .registry import (
+    DENSE_TEACHER_HEAD,
+    DISTILL_LOSS_REGISTRY,
+    SAME_ANCHORS,
+    SAME_CLASSES,
+    Distiller,
+    DistillInputs,
+    check_weights,
+    register_method,
+)
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class FRS(nn.Module):
+class FRS(Distiller):
     """Feature-richness score distillation: score-masked feature and classification imitation."""
 
-    requires_same_anchors = True  # the classification term compares [N, A*K, H, W] logits
+    # The classification term compares [N, A*K, H, W] logits element by element.
+    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD})
+
+    @classmethod
+    def add_config(cls, cfg: CN) -> None:
+        _C = cfg.MODEL.DISTILL
+        # FRS, LOSSES: ["FRS"]. Defaults: the official RetinaNet weights.
+        _C.FRS = CN()
+        # Weight of the score-masked feature imitation term.
+        _C.FRS.FEAT_WEIGHT = 0.005
+        # Weight of the score-masked classification (BCE to teacher scores) term.
+        _C.FRS.CLS_WEIGHT = 0.02
+        # Kernel size of FRS's feature adapter (3 in the official code).
+        _C.FRS.ADAPTER_KERNEL = 3
+
+    @classmethod
+    def validate_config(cls, cfg: CN) -> None:
+        check_weights(cfg, ["MODEL.DISTILL.FRS.FEAT_WEIGHT", "MODEL.DISTILL.FRS.CLS_WEIGHT"])
+        k = cfg.MODEL.DISTILL.FRS.ADAPTER_KERNEL
+        if k not in (1, 3):
+            raise ValueError(f"MODEL.DISTILL.FRS.ADAPTER_KERNEL must be 1 or 3, got {k}.")
 
     @configurable
     def __init__(self, *, adapters: nn.ModuleDict, feat_weight: float = 0.005,
@@ -35,9 +65,9 @@ class FRS(nn.Module):
     def from_config(cls, cfg, student_shapes: dict[str, ShapeSpec],
                     teacher_shapes: dict[str, ShapeSpec]):
         d = cfg.MODEL.DISTILL.FRS
-        names = list(cfg.MODEL.RETINANET.IN_FEATURES)
         return {
-            "adapters": build_adapters(names, student_shapes, teacher_shapes, d.ADAPTER_KERNEL),
+            "adapters": build_adapters(list(student_shapes), student_shapes, teacher_shapes,
+                                       d.ADAPTER_KERNEL),
             "feat_weight": d.FEAT_WEIGHT,
             "cls_weight": d.CLS_WEIGHT,
         }
@@ -63,3 +93,6 @@ class FRS(nn.Module):
             "loss_frs_feat": self.feat_weight * feat,
             "loss_frs_cls": self.cls_weight * cls,
         }, diag
+
+
+register_method("FRS", ("FRS",))

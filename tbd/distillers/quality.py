@@ -1,4 +1,4 @@
-"""Teacher qualities (s, u) and the Harmony Score forms of METHOD.md section 3 [ours].
+"""Teacher qualities (s, u) and the Harmony Score forms (docs/METHOD.md, "Harmony Score") [ours].
 
 All functions are pure tensor code: no Python loops over anchors or boxes.
 """
@@ -9,6 +9,8 @@ import torch
 from detectron2.structures import Boxes, Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from torch import Tensor
+
+HS_FORMS = ("harmony", "aligned", "consistency")
 
 
 def teacher_cls_quality(probs: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:

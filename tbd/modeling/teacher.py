@@ -1,4 +1,6 @@
-"""Build, load and freeze the teacher from its own config and weights.
+"""Everything about the teacher: build, load (with its report), freeze, the out-of-tree holder,
+the pair's compatibility check, the teacher's own preprocessing, its fingerprint and the resume
+comparison.
 
 The teacher is always rebuilt from ``MODEL.DISTILL.TEACHER.{CONFIG,WEIGHTS,OPTS}``, also on
 ``--resume``: it is never part of the student's checkpoints. Detectron2's checkpointer is not
@@ -12,15 +14,25 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import build_model
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.structures import ImageList
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
-from .checkpoint import sha256_file
+from ..checkpoint.io import sha256_file
+from ..distillers.registry import (
+    DENSE_TEACHER_HEAD,
+    NEEDS,
+    SAME_ANCHORS,
+    SAME_CLASSES,
+    Distiller,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +41,25 @@ SUPPORTED_PAIRS = "RetinaNet-type dense detectors (RetinaNet or a subclass) -> R
 
 class TeacherError(ValueError):
     """The teacher's config or weights cannot be used; the message says which key and why."""
+
+
+class TeacherHolder:
+    """Keeps the teacher out of the student's module tree (a plain attribute, not an nn.Module):
+    it is then in no ``state_dict()``, ``parameters()``, optimizer or DDP, and no ``train()``
+    call reaches it."""
+
+    def __init__(self, model: Optional[nn.Module]):
+        self.model = model
+
+
+def stock_meta_architecture(name: str) -> str:
+    """The stock Detectron2 meta-architecture a (possibly distilling) one trains and releases as:
+    a distillation meta-arch declares it as ``stock_architecture``; others are their own."""
+    try:
+        cls = META_ARCH_REGISTRY.get(name)
+    except KeyError:
+        return name
+    return getattr(cls, "stock_architecture", name)
 
 
 @dataclass
@@ -90,7 +121,7 @@ def resolve_config_path(path: str) -> str:
 
 def load_teacher_config(cfg: CfgNode) -> CfgNode:
     """The teacher's own config: its yaml, then TEACHER.OPTS; device follows the student's."""
-    from .config import add_tbd_config
+    from ..config import add_tbd_config
 
     t = cfg.MODEL.DISTILL.TEACHER
     path = resolve_config_path(t.CONFIG)
@@ -105,8 +136,8 @@ def load_teacher_config(cfg: CfgNode) -> CfgNode:
             f"(with MODEL.DISTILL.TEACHER.OPTS={list(t.OPTS)}): {e}"
         ) from e
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    if tcfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
-        tcfg.MODEL.META_ARCHITECTURE = "RetinaNet"  # a distilled student is a plain RetinaNet
+    # A distilled student is a stock detector.
+    tcfg.MODEL.META_ARCHITECTURE = stock_meta_architecture(tcfg.MODEL.META_ARCHITECTURE)
     tcfg.MODEL.WEIGHTS = ""
     tcfg.freeze()
     return tcfg
@@ -209,3 +240,109 @@ def teacher_fingerprint(cfg: CfgNode, tcfg: CfgNode) -> dict:
 
 def teacher_is_frozen(model: nn.Module) -> bool:
     return not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def check_compatible(student: RetinaNet, teacher: RetinaNet, distillers: dict[str, Distiller]
+                     ) -> None:
+    """Raise TeacherError (naming the key) if the pair cannot be distilled with ``distillers``.
+
+    FPN levels are paired by name and must have the same stride; what else is checked follows the
+    distillers' ``needs``.
+    """
+    s_names = list(student.head_in_features)
+    s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+    missing = [n for n in s_names if n not in t_shapes]
+    if missing:
+        raise TeacherError(
+            f"FPN levels {missing} of the student (MODEL.RETINANET.IN_FEATURES) are missing "
+            f"from the teacher's backbone outputs {sorted(t_shapes)}."
+        )
+    if s_names != list(teacher.head_in_features):
+        raise TeacherError(
+            f"FPN levels differ: student MODEL.RETINANET.IN_FEATURES={s_names}, teacher "
+            f"{list(teacher.head_in_features)}. Distillation pairs levels by name; make them equal."
+        )
+    for name in s_names:
+        if s_shapes[name].stride != t_shapes[name].stride:
+            raise TeacherError(
+                f"FPN level {name} has stride {s_shapes[name].stride} in the student and "
+                f"{t_shapes[name].stride} in the teacher (MODEL.FPN / MODEL.RESNETS settings)."
+            )
+
+    def needing(need: str) -> list[str]:
+        return [n for n, d in distillers.items() if need in getattr(d, "needs", ())]
+
+    if needing(DENSE_TEACHER_HEAD) and not hasattr(teacher, "head"):
+        raise TeacherError(f"{needing(DENSE_TEACHER_HEAD)} need {NEEDS[DENSE_TEACHER_HEAD]}; the "
+                           f"teacher is a {type(teacher).__name__}. Supported: {SUPPORTED_PAIRS}.")
+    if needing(SAME_CLASSES) and student.num_classes != teacher.num_classes:
+        raise TeacherError(
+            f"MODEL.RETINANET.NUM_CLASSES differs: student {student.num_classes}, teacher "
+            f"{teacher.num_classes}; {needing(SAME_CLASSES)} distil per-class scores and need "
+            "them equal."
+        )
+    if needing(SAME_ANCHORS):
+        sa, ta = student.anchor_generator, teacher.anchor_generator
+        s_anchors = [a.tolist() for a in sa.cell_anchors]
+        t_anchors = [a.tolist() for a in ta.cell_anchors]
+        if s_anchors != t_anchors or sa.strides != ta.strides or sa.offset != ta.offset:
+            raise TeacherError(
+                "MODEL.ANCHOR_GENERATOR settings (SIZES, ASPECT_RATIOS, OFFSET) differ between "
+                f"student and teacher; {needing(SAME_ANCHORS)} pair anchors one to one and need "
+                "identical anchors."
+            )
+
+
+def teacher_images(teacher: nn.Module, batched_inputs: list[dict], student_images: ImageList,
+                   student_format: str, teacher_format: str) -> ImageList:
+    """The teacher's input: its own channel order and normalisation, padded like the student's.
+
+    Both models must see the same padded canvas so that their FPN levels have equal sizes.
+    """
+    images = []
+    for x in batched_inputs:
+        img = x["image"].to(teacher.pixel_mean.device)
+        if teacher_format != student_format:
+            img = img.flip(0)  # BGR <-> RGB
+        images.append((img - teacher.pixel_mean) / teacher.pixel_std)
+    tensor = ImageList.from_tensors(images, teacher.backbone.size_divisibility).tensor
+    th, tw = student_images.tensor.shape[-2:]
+    if tensor.shape[-2] > th or tensor.shape[-1] > tw:
+        raise TeacherError(
+            "The teacher pads inputs to a larger size than the student (size_divisibility "
+            f"{teacher.backbone.size_divisibility} vs student {tuple(student_images.tensor.shape)}"
+            "); use FPN settings with the same divisibility."
+        )
+    padded = torch.nn.functional.pad(tensor, (0, tw - tensor.shape[-1], 0, th - tensor.shape[-2]))
+    return ImageList(padded, list(student_images.image_sizes))
+
+
+def _describe(fp: Optional[dict]) -> str:
+    if not fp:
+        return "no teacher (MODEL.DISTILL.LOSSES empty)"
+    w = fp["weights_sha256"][:12] if fp.get("weights_sha256") else "none"
+    return (f"config {fp['config']!r} (sha256 {fp['config_sha256'][:12]}), weights "
+            f"{fp['weights']!r} (sha256 {w})")
+
+
+def check_same_teacher(saved: Optional[dict], current: Optional[dict], checkpoint: str) -> None:
+    """Raise TeacherError if a checkpoint's teacher fingerprint differs from the current one."""
+    keys = ("config_sha256", "weights_sha256")
+    if [(saved or {}).get(k) for k in keys] == [(current or {}).get(k) for k in keys]:
+        return
+    raise TeacherError(
+        f"--resume: {checkpoint} was trained with the teacher {_describe(saved)}, but "
+        f"MODEL.DISTILL.TEACHER now gives {_describe(current)}. A distillation resumes with its "
+        "own teacher: restore MODEL.DISTILL.TEACHER.CONFIG, WEIGHTS and OPTS. To go on from this "
+        "student with another teacher on purpose, start a new run in another OUTPUT_DIR with "
+        "MODEL.WEIGHTS=<checkpoint>, without --resume."
+    )
+
+
+def check_resume_teacher(checkpoint: str, model: nn.Module) -> None:
+    """On ``--resume``: refuse ``checkpoint`` if it was trained with another teacher than
+    ``model``'s (compared by fingerprint; checkpoints of other trainers carry none)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("trainer", {})
+    if "tbd" in state:
+        check_same_teacher(state["tbd"].get("teacher"),
+                           getattr(model, "teacher_fingerprint", None), checkpoint)

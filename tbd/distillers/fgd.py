@@ -1,4 +1,4 @@
-"""FGD baseline (Yang et al., CVPR 2022), as METHOD.md section 8 specifies it [peer].
+"""FGD (Yang et al., CVPR 2022), following its official code [peer] (docs/METHOD.md, "FGD").
 
 One module per FPN level, on the FPN outputs: focal distillation (GT-box foreground/background
 masks with the teacher's spatial and channel attention), attention imitation, and a global
@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from .primitives import build_adapters
-from .registry import DISTILL_LOSS_REGISTRY, DistillInputs
+from .registry import (
+    DISTILL_LOSS_REGISTRY,
+    Distiller,
+    DistillInputs,
+    check_weights,
+    register_method,
+)
 
 
 def fgd_attention(feat: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -86,10 +93,34 @@ class ContextBlock(nn.Module):
 
 
 @DISTILL_LOSS_REGISTRY.register()
-class FGD(nn.Module):
-    """Focal and global distillation on every FPN level the head uses."""
+class FGD(Distiller):
+    """Focal and global distillation on every FPN level the head uses (paired features only)."""
 
-    requires_same_anchors = False
+    needs: frozenset[str] = frozenset()
+
+    @classmethod
+    def add_config(cls, cfg: CN) -> None:
+        _C = cfg.MODEL.DISTILL
+        # FGD, LOSSES: ["FGD"]. Defaults: the official RetinaNet weights.
+        _C.FGD = CN()
+        # Weight of the foreground focal (attention-weighted, GT-box-masked) feature term.
+        _C.FGD.ALPHA_FG = 1e-3
+        # Weight of the background focal feature term.
+        _C.FGD.BETA_BG = 5e-4
+        # Weight of the spatial + channel attention imitation term.
+        _C.FGD.GAMMA_ATTN = 5e-4
+        # Weight of the global (context block) relation term.
+        _C.FGD.LAMBDA_GLOBAL = 5e-6
+        # Temperature of the attention softmaxes.
+        _C.FGD.TEMPERATURE = 0.5
+
+    @classmethod
+    def validate_config(cls, cfg: CN) -> None:
+        check_weights(cfg, [f"MODEL.DISTILL.FGD.{k}" for k in (
+            "ALPHA_FG", "BETA_BG", "GAMMA_ATTN", "LAMBDA_GLOBAL")])
+        t = cfg.MODEL.DISTILL.FGD.TEMPERATURE
+        if not t > 0:
+            raise ValueError(f"MODEL.DISTILL.FGD.TEMPERATURE must be > 0, got {t}.")
 
     @configurable
     def __init__(
@@ -118,7 +149,7 @@ class FGD(nn.Module):
     def from_config(cls, cfg, student_shapes: dict[str, ShapeSpec],
                     teacher_shapes: dict[str, ShapeSpec]):
         d = cfg.MODEL.DISTILL.FGD
-        names = list(cfg.MODEL.RETINANET.IN_FEATURES)
+        names = list(student_shapes)
         differ = [n for n in names if student_shapes[n].channels != teacher_shapes[n].channels]
         return {
             "align": build_adapters(differ, student_shapes, teacher_shapes, kernel_size=1),
@@ -172,5 +203,7 @@ class FGD(nn.Module):
             "loss_fgd_global": self.lambda_global * totals["global"],
         }, diag
 
+
+register_method("FGD", ("FGD",))
 
 __all__ = ["FGD", "ContextBlock", "fgd_attention", "fgd_masks"]

@@ -1,0 +1,148 @@
+"""Release files: the student's weights alone, under stock Detectron2 keys, that stock Detectron2
+loads; their export, verification and a traced export.
+
+A release file holds the student's weights only (no teacher, no adapters, no optimizer state), so
+stock Detectron2 (``build_model`` + ``DetectionCheckpointer``) loads it with the student config
+written beside it. Its name carries the first 8 hex digits of its sha256, as Detectron2's model zoo
+does, and :func:`verify_release_file` checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from detectron2.config import CfgNode
+
+from .io import atomic_write, atomic_write_text, sha256_file
+from .training import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# Prefixes of non-student entries in other wrapper checkpoints (d2go/mmrazor-style wrappers).
+FOREIGN_PREFIXES = ("teacher.", "distillers.", "distiller.", "adapters.", "_teacher.")
+# Prefixes under which wrappers nest the student; stripped.
+WRAPPER_PREFIXES = ("module.", "student.", "model.")
+
+
+class ReleaseError(CheckpointError):
+    """A release or training checkpoint cannot be released; the message names the file and why."""
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - corrupted, truncated, not a checkpoint
+        raise ReleaseError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}). "
+            "Is the file complete (not truncated by an interrupted copy or download)?"
+        ) from e
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj  # a bare state dict
+    raise ReleaseError(f"{path}: no model state dict found (expected a 'model' entry).")
+
+
+def student_state_dict(state_dict: dict) -> dict:
+    """Student weights from a DistillMetaArch or wrapper checkpoint, under stock keys."""
+    out = {}
+    for k, v in state_dict.items():
+        for p in WRAPPER_PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        if k.startswith(FOREIGN_PREFIXES):
+            continue
+        out[k] = v
+    return out
+
+
+def stock_keys(student_cfg: CfgNode) -> dict[str, tuple]:
+    """Keys and shapes of the stock RetinaNet built from ``student_cfg`` (on CPU, no weights)."""
+    from detectron2.modeling import build_model
+
+    cfg = student_cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+
+def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
+                   out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model_final_<sha8>.pth`` (+ ``.json`` metadata, + student ``config.yaml``).
+
+    The keys must match the stock RetinaNet of ``student_cfg`` exactly (names and shapes),
+    otherwise ReleaseError. Files are written to a temporary name and renamed: an interrupted
+    export leaves no half-written release.
+    """
+    sd = student_state_dict(_read_checkpoint(checkpoint))
+    expected = stock_keys(student_cfg)
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    bad = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
+    if missing or extra or bad:
+        raise ReleaseError(
+            f"{checkpoint}: does not match the student config's RetinaNet: {len(missing)} missing "
+            f"{missing[:5]}, {len(extra)} unexpected {extra[:5]}, {len(bad)} with other shapes "
+            f"{bad[:5]}. Is this the right config for this checkpoint?"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # serialised once, so the name can carry the content's sha
+    torch.save({"model": {k: sd[k].detach().cpu() for k in sorted(sd)},
+                "__author__": "TBD (tbd-detectron2)"}, buf)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    final = out / f"model_final_{sha[:8]}.pth"
+    atomic_write(str(final), "wb", lambda f: f.write(data))
+    meta = {"file": final.name, "sha256": sha, "source_checkpoint": str(checkpoint),
+            **(metadata or {})}
+    atomic_write_text(str(out / f"{final.stem}.json"), json.dumps(meta, indent=2))
+    atomic_write_text(str(out / f"{final.stem}_config.yaml"), student_cfg.dump())
+    logger.info("Released %s (%d tensors)", final, len(sd))
+    return final
+
+
+def verify_release_file(path: str | os.PathLike) -> str:
+    """Check that a release file is readable and that its name's sha suffix matches its content.
+
+    Returns the sha256. Raises ReleaseError with the file name and what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ReleaseError(f"{path}: release file not found.")
+    sha = sha256_file(path)
+    stem = path.stem
+    if stem.startswith("model_final_"):
+        suffix = stem[len("model_final_"):]
+        if not sha.startswith(suffix):
+            raise ReleaseError(
+                f"{path}: content sha256 {sha[:8]}... does not match the name's {suffix}: the file "
+                "is corrupted or truncated; download or export it again."
+            )
+    _read_checkpoint(path)
+    return sha
+
+
+def trace_student(model: torch.nn.Module, sample_inputs: list[dict]
+                  ) -> tuple[torch.jit.ScriptModule, object]:
+    """torch.jit.trace the student's inference (no post-processing) via TracingAdapter.
+
+    Returns the traced module and the adapter (whose ``flattened_inputs`` feed it and whose
+    ``outputs_schema`` rebuilds Instances). Needs ``detectron2.export`` importable: official
+    Detectron2, or v0.6 with scripts/setup.sh's install edit 7 (caffe2 made optional).
+    """
+    from detectron2.export import TracingAdapter
+
+    model.eval()
+    adapter = TracingAdapter(model, sample_inputs)
+    with torch.no_grad():
+        traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
+    return traced, adapter

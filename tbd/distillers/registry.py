@@ -1,0 +1,218 @@
+"""The distiller registry, the base class every distiller derives from, and the tapped tensors
+every distiller receives.
+
+A distiller is one file: a ``Distiller`` subclass registered in ``DISTILL_LOSS_REGISTRY`` that
+declares its config keys (``add_config``), checks them (``validate_config``) and says what a
+student/teacher pair must offer for it to work (``needs``). ``tbd.config.add_tbd_config`` collects
+the keys of every registered distiller, and the meta-arch checks ``needs`` when it is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Optional
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling.box_regression import Box2BoxTransform
+from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
+from detectron2.structures import Boxes, Instances, pairwise_iou
+from detectron2.utils.registry import Registry
+from torch import Tensor, nn
+
+DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
+DISTILL_LOSS_REGISTRY.__doc__ = """
+Registry for distillers: ``Distiller`` subclasses built as ``cls(cfg, student_shapes,
+teacher_shapes)`` (with ``@configurable``) whose ``forward(inputs: DistillInputs)`` returns
+``(losses, diagnostics)``: weighted ``loss_*`` tensors, and detached scalar tensors for the event
+storage. ``MODEL.DISTILL.LOSSES`` lists the registered names a student is trained with.
+"""
+
+# What a distiller may need from a (student, teacher) pair; checked when the meta-arch is built.
+SAME_CLASSES = "same_classes"
+SAME_ANCHORS = "same_anchors"
+DENSE_TEACHER_HEAD = "dense_teacher_head"
+GT_MATCHES = "gt_matches"
+NEEDS = {
+    SAME_CLASSES: "the same number of classes (per-class scores are compared one to one)",
+    SAME_ANCHORS: "identical anchors (MODEL.ANCHOR_GENERATOR; outputs are paired anchor by anchor)",
+    DENSE_TEACHER_HEAD: "a dense teacher head (RetinaNet-type: per-anchor logits and deltas)",
+    GT_MATCHES: "the GT index each student anchor is matched to (computed only when needed)",
+}
+
+# Named methods as users and the benchmarks compare them: name -> MODEL.DISTILL.LOSSES. Each
+# distiller's file registers the methods it makes up (``register_method``); "baseline" is the
+# student alone.
+METHODS: dict[str, tuple[str, ...]] = {"baseline": ()}
+
+
+def register_method(name: str, losses: Iterable[str]) -> None:
+    """Name a combination of registered distillers (e.g. "TBD" = HD + TFD)."""
+    if name in METHODS and METHODS[name] != tuple(losses):
+        raise KeyError(f"Method {name!r} is already registered as {METHODS[name]}.")
+    METHODS[name] = tuple(losses)
+
+
+def check_weights(cfg: CfgNode, keys: Iterable[str]) -> None:
+    """Raise ValueError unless every dotted ``keys`` entry of ``cfg`` is a finite number >= 0."""
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or \
+                math.isinf(value):
+            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}.")
+
+
+def check_choice(cfg: CfgNode, key: str, choices: Iterable) -> None:
+    """Raise ValueError unless the dotted ``key`` of ``cfg`` is one of ``choices``."""
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is unknown; use one of {choices}.")
+
+
+class Distiller(nn.Module):
+    """Base class of the registered distillers.
+
+    Subclasses set ``needs`` (a subset of ``NEEDS``), implement ``add_config`` / ``validate_config``
+    for their own keys under ``MODEL.DISTILL``, ``from_config(cfg, student_shapes,
+    teacher_shapes)`` with ``@configurable``, and ``forward(inputs) -> (losses, diagnostics)``.
+    Every parameter (adapters, generators) must take part in every step: DDP runs without
+    ``find_unused_parameters``.
+    """
+
+    needs: frozenset[str] = frozenset()
+
+    @classmethod
+    def add_config(cls, cfg: CfgNode) -> None:
+        """Add this distiller's keys, with defaults and a comment each, to ``cfg`` in place."""
+
+    @classmethod
+    def validate_config(cls, cfg: CfgNode) -> None:
+        """Raise ValueError naming the key if one of this distiller's keys is invalid."""
+
+
+def registered_distillers() -> dict[str, type[Distiller]]:
+    """Name -> class of every registered distiller, in registration order."""
+    return dict(DISTILL_LOSS_REGISTRY)
+
+
+@dataclass(eq=False)
+class DistillInputs:
+    """Student and teacher taps of one training step, plus the student's anchor labelling.
+
+    Per-level lists follow ``level_names``. Teacher tensors carry no gradient. Student tensors
+    are the ones the student's own detection loss uses (one forward for both). Derived teacher
+    quantities (decoded boxes, probabilities, s, u, u*) are computed once, in fp32 and without
+    gradient, and shared by all distillers of the step.
+    """
+
+    level_names: list[str]
+    student_features: list[Tensor]  # [N, Cs, H, W]
+    teacher_features: list[Tensor]  # [N, Ct, H, W]
+    student_logits: list[Tensor]  # raw head output [N, A*K, H, W]
+    student_deltas: list[Tensor]  # raw head output [N, A*4, H, W]
+    teacher_logits: list[Tensor]
+    teacher_deltas: list[Tensor]
+    anchors: list[Boxes]  # per level, H*W*A boxes, ordered (y, x, a)
+    gt_labels: Tensor  # [N, R] in {-1 (ignore), 0..K-1 (foreground), K (background)}
+    matched: Optional[Tensor]  # [N, R] matched GT index (on foreground), if a distiller needs it
+    gt_instances: list[Instances]
+    num_classes: int
+    student_box2box: Box2BoxTransform
+    teacher_box2box: Box2BoxTransform
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+
+    def float(self) -> DistillInputs:
+        """The taps in fp32 (a no-op for fp32 tensors): distillation runs in fp32, also when the
+        forward ran under autocast (bf16/fp16 features, logits and deltas)."""
+        names = ("student_features", "teacher_features", "student_logits", "student_deltas",
+                 "teacher_logits", "teacher_deltas")
+        return replace(self, **{n: [t.float() for t in getattr(self, n)] for n in names})
+
+    @property
+    def num_images(self) -> int:
+        return self.gt_labels.shape[0]
+
+    @property
+    def num_anchors_per_level(self) -> list[int]:
+        return [len(a) for a in self.anchors]
+
+    @cached_property
+    def fg_mask(self) -> Tensor:
+        """[N, R] foreground anchors of the student's own labelling."""
+        return (self.gt_labels >= 0) & (self.gt_labels != self.num_classes)
+
+    @cached_property
+    def valid_mask(self) -> Tensor:
+        """[N, R] anchors that are not ignored."""
+        return self.gt_labels >= 0
+
+    @cached_property
+    def anchors_cat(self) -> Tensor:
+        return Boxes.cat(self.anchors).tensor
+
+    @property
+    def matched_idxs(self) -> Tensor:
+        """[N, R] index of the GT each anchor is matched to (meaningful on foreground anchors).
+
+        Present only when a distiller of the step declares ``GT_MATCHES`` in its ``needs``.
+        """
+        if self.matched is None:
+            raise RuntimeError("DistillInputs.matched_idxs is only computed when a distiller "
+                               f"declares {GT_MATCHES!r} in its `needs`.")
+        return self.matched
+
+    @staticmethod
+    def flatten_levels(per_level: list[Tensor], dim: int) -> Tensor:
+        """[N, A*D, H, W] per level -> [N, R, D] in Detectron2's (y, x, a) anchor order."""
+        return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
+
+    def decode(self, deltas: list[Tensor], box2box: Box2BoxTransform) -> Tensor:
+        """Decode per-level raw deltas into boxes [N, R, 4] on the shared anchors."""
+        d = self.flatten_levels(deltas, 4)
+        n = d.shape[0]
+        anchors = self.anchors_cat.unsqueeze(0).expand(n, -1, -1)
+        return box2box.apply_deltas(d.reshape(-1, 4), anchors.reshape(-1, 4)).view(n, -1, 4)
+
+    @cached_property
+    def teacher_probs(self) -> Tensor:
+        """[N, R, K] teacher scores (fp32)."""
+        with torch.no_grad():
+            return self.flatten_levels(self.teacher_logits, self.num_classes).float().sigmoid()
+
+    @cached_property
+    def teacher_boxes(self) -> Tensor:
+        """[N, R, 4] teacher boxes decoded on the anchors (fp32)."""
+        with torch.no_grad():
+            return self.decode([d.float() for d in self.teacher_deltas], self.teacher_box2box)
+
+    @cached_property
+    def teacher_quality(self) -> tuple[Tensor, Tensor]:
+        """(s, u), each [N, R]: teacher score for and IoU with the matched GT; 0 off foreground."""
+        from .quality import teacher_cls_quality, teacher_loc_quality
+
+        with torch.no_grad():
+            s = teacher_cls_quality(self.teacher_probs, self.gt_labels, self.num_classes)
+            u = teacher_loc_quality(
+                self.teacher_boxes, self.gt_instances, self.matched_idxs, self.fg_mask
+            )
+        return s, u
+
+    @cached_property
+    def teacher_best_iou(self) -> Tensor:
+        """[N, R] u*: max IoU of each teacher box with any GT of its image (0 without GT)."""
+        with torch.no_grad():
+            out = torch.zeros_like(self.gt_labels, dtype=torch.float32)
+            for n, inst in enumerate(self.gt_instances):  # loop over images, not boxes
+                if len(inst) > 0:
+                    iou = pairwise_iou(Boxes(self.teacher_boxes[n]), inst.gt_boxes.to(out.device))
+                    out[n] = iou.float().amax(dim=1)
+            return out
+

@@ -1,0 +1,364 @@
+"""Distillation meta-architectures: a dense-detector student trained with a frozen teacher and
+registered distillers, through Detectron2's own ``forward_training`` extension point.
+
+Design (docs/design.md):
+
+* The class *is* the student: ``DistillMetaArch`` subclasses RetinaNet, so the student's parameters
+  keep stock names (``backbone.*``, ``head.*``) and stock or model-zoo checkpoints load as
+  MODEL.WEIGHTS. Distillation-only parameters (adapters) live under ``distillers.*``.
+* Stock ``forward`` and inference. In training, ``preprocess_image`` also prepares the teacher's
+  input, and ``forward_training`` adds the distillation terms to the stock losses:
+  ``L = L_det(student) + factor(t) * sum_d L_d(student, teacher)``.
+* ``DistillMixin`` holds everything that is not specific to RetinaNet, so that another dense
+  student (FCOS) is a small class implementing ``detection_targets`` and ``detection_losses``.
+* The teacher is kept outside the module tree (``tbd.modeling.teacher``).
+* ``build_model(cfg)`` loads no weights by contract; the teacher's weights are the one exception:
+  they are loaded here, from MODEL.DISTILL.TEACHER.WEIGHTS, when the meta-arch is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils import comm
+from torch import Tensor, nn
+from torch.profiler import record_function
+
+from ..config import resolve_warmup_iters, validate_distill_config
+from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
+from ..distillers.registry import GT_MATCHES
+from .guards import DistillDiagnostics, check_finite, current_iter
+from .taps import DenseTaps, batch_taps, dense_taps
+from .teacher import (
+    TeacherError,
+    TeacherHolder,
+    build_teacher,
+    check_compatible,
+    freeze,
+    teacher_fingerprint,
+    teacher_images,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class PairedImages(ImageList):
+    """The student's preprocessed batch, carrying the same images in the teacher's own
+    preprocessing (``teacher``), so that ``forward_training`` can run the teacher."""
+
+    def __init__(self, student: ImageList, teacher: ImageList):
+        super().__init__(student.tensor, student.image_sizes)
+        self.teacher = teacher
+
+
+@dataclass
+class DetectionTargets:
+    """The student's own assignment, shared by its detection loss and the distillers."""
+
+    anchors: list[Boxes]
+    gt_labels: list[Tensor]  # per image [R] in {-1 ignore, 0..K-1 foreground, K background}
+    gt_boxes: list[Tensor]  # per image [R, 4] matched GT boxes
+    matched_idxs: Optional[Tensor]  # [N, R] matched GT index, when a distiller needs it
+
+
+class _RecordingMatcher:
+    """Wraps a Matcher to keep the matched indices it returns: the stock labelling computes
+    them and drops them, and the distillers that need them must not re-run or copy it."""
+
+    def __init__(self, matcher):
+        self.matcher = matcher
+        self.matches: list[Tensor] = []
+
+    def __call__(self, quality: Tensor):
+        idxs, labels = self.matcher(quality)
+        self.matches.append(idxs)
+        return idxs, labels
+
+
+class DistillMixin:
+    """Distillation over a ``DenseDetector`` student; combine as ``class X(DistillMixin, Stock)``.
+
+    The stock class supplies the student; subclasses implement ``detection_targets`` and
+    ``detection_losses`` with the stock class's own labelling and losses, and set
+    ``stock_architecture`` (what ``--eval-only`` and releases build).
+    """
+
+    stock_architecture = ""
+
+    def init_distillation(
+        self,
+        *,
+        teacher: Optional[DenseDetector],
+        distillers: dict[str, nn.Module],
+        teacher_input_format: str = "BGR",
+        start_iter: int = 0,
+        stop_iter: int = -1,
+        warmup_iters: int = 0,
+        log_period: int = 20,
+        check_finite: bool = True,
+        teacher_fingerprint: Optional[dict] = None,
+    ) -> None:
+        """Attach the teacher and distillers (called by ``__init__`` after the stock one)."""
+        self.distillers = nn.ModuleDict(distillers)
+        self._teacher = TeacherHolder(freeze(teacher) if teacher is not None else None)
+        self.teacher_input_format = teacher_input_format
+        self.start_iter = start_iter
+        self.stop_iter = stop_iter
+        self.warmup_iters = warmup_iters
+        self.check_finite = check_finite
+        self.teacher_fingerprint = teacher_fingerprint
+        self.diagnostics = DistillDiagnostics(log_period)
+        if teacher is not None:
+            check_compatible(self, teacher, self.distillers)
+        elif len(self.distillers):
+            raise TeacherError("Distillers were given without a teacher.")
+
+    @staticmethod
+    def distillation_from_config(cfg, student_shapes: dict) -> dict:
+        """The ``init_distillation`` arguments from ``cfg``: builds the teacher (and loads its
+        weights) and the distillers, for the student levels ``student_shapes``."""
+        validate_distill_config(cfg)
+        names = list(cfg.MODEL.DISTILL.LOSSES)
+        unknown = [n for n in names if n not in DISTILL_LOSS_REGISTRY]
+        if unknown:
+            raise ValueError(
+                f"MODEL.DISTILL.LOSSES has unknown entries {unknown}; registered: "
+                f"{sorted(k for k, _ in DISTILL_LOSS_REGISTRY)}."
+            )
+        if not names:  # distillation off: a plain student, no teacher is built
+            logger.info("MODEL.DISTILL.LOSSES is empty: training the student alone.")
+            return {"teacher": None, "distillers": {}}
+        teacher, tcfg, _ = build_teacher(cfg)
+        t_shapes = teacher.backbone.output_shape()
+        missing = [n for n in student_shapes if n not in t_shapes]
+        if missing:
+            raise TeacherError(
+                f"FPN levels {missing} of the student are missing from the teacher's backbone "
+                f"outputs {sorted(t_shapes)}."
+            )
+        t_shapes = {n: t_shapes[n] for n in student_shapes}
+        return {
+            "teacher": teacher,
+            "distillers": {n: DISTILL_LOSS_REGISTRY.get(n)(cfg, student_shapes, t_shapes)
+                           for n in names},
+            "teacher_input_format": tcfg.INPUT.FORMAT,
+            "start_iter": cfg.MODEL.DISTILL.START_ITER,
+            "stop_iter": cfg.MODEL.DISTILL.STOP_ITER,
+            "warmup_iters": resolve_warmup_iters(cfg),
+            "log_period": cfg.MODEL.DISTILL.LOG_PERIOD,
+            "check_finite": cfg.MODEL.DISTILL.CHECK_FINITE,
+            "teacher_fingerprint": teacher_fingerprint(cfg, tcfg),
+        }
+
+    # ------------------------------------------------------------------------------- teacher
+    @property
+    def teacher(self) -> Optional[DenseDetector]:
+        return self._teacher.model
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.float() of the student also apply to the out-of-tree teacher.
+        super()._apply(fn, *args, **kwargs)
+        if self._teacher.model is not None:
+            self._teacher.model._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._teacher.model is not None:
+            self._teacher.model.eval()  # the teacher stays in eval mode, whatever mode says
+        return self
+
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
+        """Stock preprocessing; in training with a teacher, plus the teacher's own input."""
+        images = super().preprocess_image(batched_inputs)
+        if not self.training or self.teacher is None:
+            return images
+        return PairedImages(images, teacher_images(self.teacher, batched_inputs, images,
+                                                   self.input_format, self.teacher_input_format))
+
+    def teacher_taps(self, images: PairedImages) -> DenseTaps:
+        """The teacher's FPN features and head outputs on its own input, without gradient."""
+        with torch.no_grad(), record_function("tbd.teacher_forward"):
+            return dense_taps(self.teacher, images.teacher)
+
+    # ------------------------------------------------------------------------------- schedule
+    def distill_factor(self, it: Optional[int]) -> float:
+        """Loss factor at iteration ``it``: linear warm-up from START_ITER, 0 from STOP_ITER."""
+        if it is None:
+            return 1.0
+        if it < self.start_iter or (self.stop_iter >= 0 and it >= self.stop_iter):
+            return 0.0
+        if self.warmup_iters <= 0:
+            return 1.0
+        return min(max((it - self.start_iter) / self.warmup_iters, 0.0), 1.0)
+
+    # ------------------------------------------------------------------------------- training
+    @property
+    def needs_gt_matches(self) -> bool:
+        return any(GT_MATCHES in getattr(d, "needs", ()) for d in self.distillers.values())
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        """``L_det(student) + factor(t) * sum_d L_d``; the stock losses alone without a teacher."""
+        if self.teacher is None:
+            return super().forward_training(images, features, predictions, gt_instances)
+        student = DenseTaps(images, features, predictions)
+        targets = self.detection_targets(features, gt_instances, self.needs_gt_matches)
+        with record_function("tbd.student_det_loss"):
+            losses = self.detection_losses(student, targets)
+        inputs = self.make_distill_inputs(student, self.teacher_taps(images), targets,
+                                          gt_instances)
+        raw, diag = self.distillation_terms(inputs, reserved=set(losses))
+        it = current_iter()
+        factor = self.distill_factor(it)
+        if self.check_finite:
+            check_finite(raw, inputs, it)
+        # Always multiply, never skip: every adapter takes part in every step (DDP-safe).
+        losses.update({k: v * factor for k, v in raw.items()})
+        self.diagnostics.record(it, raw, diag, factor)
+        return losses
+
+    def distillation_terms(self, inputs: DistillInputs, reserved: set[str]
+                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every distiller's weighted terms and diagnostics, computed in fp32 (also under AMP).
+
+        ``reserved``: the detection loss keys, which no distiller may return.
+        """
+        raw: dict[str, Tensor] = {}
+        diag: dict[str, Tensor] = {}
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            inputs = inputs.float()
+            for name, distiller in self.distillers.items():
+                with record_function(f"tbd.distill.{name}"):
+                    d_losses, d_diag = distiller(inputs)
+                overlap = set(d_losses) & (set(raw) | reserved)
+                if overlap:
+                    raise KeyError(f"Distiller {name} returned duplicate loss keys {overlap}.")
+                raw.update(d_losses)
+                diag.update(d_diag)
+        return raw, diag
+
+    def make_distill_inputs(self, student: DenseTaps, teacher: DenseTaps,
+                            targets: DetectionTargets, gt_instances: list[Instances]
+                            ) -> DistillInputs:
+        return DistillInputs(
+            level_names=list(self.head_in_features),
+            student_features=student.features,
+            teacher_features=teacher.features,
+            student_logits=student.logits,
+            student_deltas=student.deltas,
+            teacher_logits=teacher.logits,
+            teacher_deltas=teacher.deltas,
+            anchors=targets.anchors,
+            gt_labels=torch.stack(targets.gt_labels),
+            matched=targets.matched_idxs,
+            gt_instances=gt_instances,
+            num_classes=self.num_classes,
+            student_box2box=self.box2box_transform,
+            teacher_box2box=self.teacher.box2box_transform,
+            image_sizes=list(student.images.image_sizes),
+        )
+
+    @torch.no_grad()
+    def distill_inputs(self, batched_inputs: list[dict]) -> DistillInputs:
+        """The taps of one batch with GT instances, in the current mode, without gradient (for
+        analysis and visualisation: call it in eval mode to leave BN statistics alone)."""
+        if self.teacher is None:
+            raise TeacherError("distill_inputs needs a teacher (MODEL.DISTILL.TEACHER.*).")
+        student = batch_taps(self, batched_inputs)
+        images = student.images
+        if not isinstance(images, PairedImages):  # eval mode: preprocess_image did not pair
+            images = PairedImages(images, teacher_images(
+                self.teacher, batched_inputs, images, self.input_format,
+                self.teacher_input_format))
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        targets = self.detection_targets(student.features, gt_instances, True)
+        return self.make_distill_inputs(student, self.teacher_taps(images), targets, gt_instances)
+
+    # ------------------------------------------------------------------ student specifics
+    def detection_targets(self, features: list[Tensor], gt_instances: list[Instances],
+                          with_matches: bool) -> DetectionTargets:
+        raise NotImplementedError
+
+    def detection_losses(self, student: DenseTaps, targets: DetectionTargets
+                         ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+@META_ARCH_REGISTRY.register()
+class DistillMetaArch(DistillMixin, RetinaNet):
+    """RetinaNet student + frozen RetinaNet-type teacher + distillers (TBD = HD + TFD)."""
+
+    stock_architecture = "RetinaNet"
+
+    @configurable
+    def __init__(self, *, distill: dict, **kwargs):
+        """
+        Args:
+            distill: the arguments of ``DistillMixin.init_distillation`` (teacher, distillers,
+                schedule, ...); ``{"teacher": None, "distillers": {}}`` trains a plain student.
+            kwargs: RetinaNet's arguments (the student).
+        """
+        super().__init__(**kwargs)
+        self.init_distillation(**distill)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = RetinaNet.from_config(cfg)
+        shapes = ret["backbone"].output_shape()
+        levels = ret["head_in_features"]
+        ret["distill"] = cls.distillation_from_config(cfg, {n: shapes[n] for n in levels})
+        return ret
+
+    def _ema_update(self, name: str, value: float, initial_value: float, momentum: float = 0.9):
+        """RetinaNet's EMA loss normaliser, made global over processes.
+
+        Stock Detectron2 keeps a per-process EMA of the number of positive anchors. Here the EMA
+        follows the total over processes (as one process with the total batch would), and each
+        process divides by total / world size, so that DDP's gradient average equals the
+        single-process gradient. (A process with no positive anchors counts 1, as in stock.)
+        """
+        world = comm.get_world_size()
+        if name != "loss_normalizer" or world == 1:
+            return super()._ema_update(name, value, initial_value, momentum)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return super()._ema_update(name, float(total.item()), initial_value, momentum) / world
+
+    def detection_targets(self, features: list[Tensor], gt_instances: list[Instances],
+                          with_matches: bool) -> DetectionTargets:
+        """Stock anchors and ``label_anchors``; the matcher's indices kept when asked for."""
+        with record_function("tbd.label_anchors"):
+            anchors = self.anchor_generator(features)
+            recorder = _RecordingMatcher(self.anchor_matcher) if with_matches else None
+            with self._matcher(recorder):
+                gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        matched = torch.stack(recorder.matches) if recorder is not None else None
+        return DetectionTargets(anchors, gt_labels, gt_boxes, matched)
+
+    @contextlib.contextmanager
+    def _matcher(self, recorder: Optional[_RecordingMatcher]):
+        if recorder is None:
+            yield
+            return
+        self.anchor_matcher = recorder
+        try:
+            yield
+        finally:
+            self.anchor_matcher = recorder.matcher
+
+    def detection_losses(self, student: DenseTaps, targets: DetectionTargets
+                         ) -> dict[str, Tensor]:
+        """Stock RetinaNet losses on the stock labelling."""
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            student.predictions, [self.num_classes, 4])
+        return self.losses(targets.anchors, pred_logits, targets.gt_labels, pred_deltas,
+                           targets.gt_boxes)
