@@ -156,6 +156,15 @@ def test_a_variant_runs_chosen_methods_in_its_own_folders(tmp_path):
     md = accuracy_report.markdown([], {"profile": "cpu", "iters": 1, "train": "a", "val": "b",
                                 "extra_opts": ["K", "1"]}, None)
     assert "Every distilled run adds `K 1`." in md
+    # a variant that sets the HS form labels its TBD runs by it (and needs --no-ablations)
+    opts = ["SOLVER.BASE_LR", "0.1", "MODEL.DISTILL.HS.FORM", "consistency"]
+    labelled = accuracy_protocol.label_by_opts(specs, opts)
+    assert [accuracy_protocol.run_name(s) for s in labelled] == [
+        "tbd_consistency_s0", "tbd_consistency_s1"]
+    assert [accuracy_report.label(s) for s in labelled] == ["tbd (consistency HS)"] * 2
+    with pytest.raises(SystemExit, match="add --no-ablations"):
+        accuracy.main(["--teacher-weights", str(teacher), "--work-dir", "w", "--output", "o",
+                       "--opts", *opts])
 
 
 def test_teacher_curve_lists_checkpoints_in_training_order(tmp_path):

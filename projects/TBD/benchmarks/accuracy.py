@@ -39,6 +39,7 @@ from tbd_benchmarks.accuracy_protocol import (
     MAIN_METHODS,
     METHODS,
     PROFILES,
+    label_by_opts,
     run_name,
     run_specs,
 )
@@ -197,6 +198,9 @@ def main(argv=None) -> None:
     if args.opts and (len(args.opts) % 2 or not (args.work_dir and args.output)):
         sys.exit("--opts takes KEY VALUE pairs and needs its own --work-dir and --output, so that "
                  "the variant's runs and results do not mix with the profile's.")
+    if "MODEL.DISTILL.HS.FORM" in args.opts[::2] and not args.no_ablations:
+        sys.exit("--opts MODEL.DISTILL.HS.FORM sets the form of every TBD run: add --no-ablations "
+                 "(the ablations compare the forms).")
     profile = dict(PROFILES[args.profile])
     if args.seeds:
         profile["seeds"] = sorted(set(args.seeds))
@@ -221,7 +225,8 @@ def main(argv=None) -> None:
                 "threads_per_run": threads_per_run(torch.get_num_threads()),
                 "gflops_per_image": {"teacher": model_gflops(args.teacher_config),
                                      "student": model_gflops(METHODS["baseline"][0])}}
-    specs = run_specs(profile, tuple(args.methods), not args.no_ablations)
+    specs = label_by_opts(run_specs(profile, tuple(args.methods), not args.no_ablations),
+                          args.opts)
     done: dict[int, dict] = {}
     # runs finished by earlier invocations first (they only read their rows), so that results.md
     # lists all of them from the start; then the rest in seed-major order (a stable sort)

@@ -65,6 +65,13 @@ TBD_VARIANTS = {
 }
 
 
+def label_by_opts(specs: list[dict], opts: list[str]) -> list[dict]:
+    """The specs with TBD runs labelled by the HS form ``opts`` (a variant's --opts) gives them:
+    the form they train with, so their names and results rows say it."""
+    form = dict(zip(opts[::2], opts[1::2])).get("MODEL.DISTILL.HS.FORM")
+    return [dict(s, hs_form=form) if form and s["method"] == "tbd" else s for s in specs]
+
+
 def run_name(spec: dict) -> str:
     if spec.get("variant"):
         return f"tbd_{spec['variant']}_s{spec['seed']}"
