@@ -9,9 +9,8 @@
 #        TBD_SKIP_DEV=1                         skip the dev tools (pytest, ruff)
 #
 # Detectron2 is not on PyPI under its own name. We install `pb1-detectron2==0.6`, which is the
-# official v0.6 Python source re-published, with the install-time fixes documented in
-# shared/docs/DETECTRON2_INSTALL.md (no C++ extension, configs packaged, Pillow/numpy fixes,
-# pycocotools COCOeval). Users with internet can instead install official Detectron2 from source
+# official v0.6 Python source re-published, with the install-time fixes numbered 1-7 below (no C++
+# extension, configs packaged, Pillow/numpy fixes, pycocotools COCOeval, optional caffe2 export). Users with internet can instead install official Detectron2 from source
 # into the venv first; this script then leaves it alone.
 set -euo pipefail
 

@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         THREADS["OMP_NUM_THREADS"] = "1"
     if not Path(args.teacher_weights).is_file():
         sys.exit(f"--teacher-weights {args.teacher_weights!r}: file not found. Train the teacher "
-                 "first (projects/TBD/README.md, 'Benchmarks').")
+                 "first (projects/TBD/benchmarks/README.md, 'The teacher').")
     if args.opts and (len(args.opts) % 2 or not (args.work_dir and args.output)):
         sys.exit("--opts takes KEY VALUE pairs and needs its own --work-dir and --output, so that "
                  "the variant's runs and results do not mix with the profile's.")

@@ -62,7 +62,7 @@ def command_line() -> str:
 
 def write_results(out_dir: Path, benchmark: str, settings: dict, rows: list[dict],
                   markdown: str, commit: str | None = None) -> None:
-    """results.json (BENCHMARKS.md format) and results.md, written atomically.
+    """results.json (the format of docs/benchmarks.md) and results.md, written atomically.
 
     ``commit``: the commit the run started from (default: the current one).
     """
@@ -101,8 +101,8 @@ def run_logged(cmd: list[str], log: Path, extra_env: dict | None = None) -> None
 def model_gflops(config: str, image_size: int = 128) -> dict:
     """fvcore's FLOP count of one ``image_size``-square image's inference forward, in GFLOPs.
 
-    Split into backbone (with the FPN) and head, as in BENCHMARKS.md's calibration; the
-    post-processing (decoding, NMS) is not counted. Random weights: FLOPs do not depend on them.
+    Split into backbone (with the FPN) and head; the post-processing (decoding, NMS) is not
+    counted. Random weights: FLOPs do not depend on them.
     """
     import torch
     from detectron2.modeling import build_model
