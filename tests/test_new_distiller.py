@@ -70,7 +70,7 @@ def test_toy_distiller_builds_from_config_and_trains_one_step(toy, tmp_path):
     with torch.no_grad():
         expected = 0.5 * sum(((adapters[n](s) - t) ** 2).mean() for n, s, t in zip(
             inputs.level_names, inputs.student_features, inputs.teacher_features))
-    assert float(losses["loss_toy_l2"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(losses["loss_toy_l2"].detach()) == pytest.approx(float(expected), rel=1e-5)
     assert {"loss_cls", "loss_box_reg", "loss_toy_l2"} == set(losses)
     optimizer = build_optimizer(cfg, model)
     before = [p.detach().clone() for p in adapters.parameters()]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -117,15 +118,17 @@ class DistillMixin:
         self.check_finite = check_finite
         self.teacher_fingerprint = teacher_fingerprint
         self.diagnostics = DistillDiagnostics(log_period)
-        if teacher is not None:
-            check_compatible(self, teacher, self.distillers)
-        elif len(self.distillers):
+        if teacher is None and len(self.distillers):
             raise TeacherError("Distillers were given without a teacher.")
 
     @staticmethod
-    def distillation_from_config(cfg, student_shapes: dict) -> dict:
+    def distillation_from_config(cfg, student) -> dict:
         """The ``init_distillation`` arguments from ``cfg``: builds the teacher (and loads its
-        weights) and the distillers, for the student levels ``student_shapes``."""
+        weights), checks the pair once (``check_compatible``) and builds the distillers.
+
+        ``student``: the student's parts, with the attributes ``check_compatible`` reads
+        (``backbone``, ``head_in_features``, ``num_classes``, ``anchor_generator``).
+        """
         validate_distill_config(cfg)
         names = list(cfg.MODEL.DISTILL.LOSSES)
         unknown = [n for n in names if n not in DISTILL_LOSS_REGISTRY]
@@ -138,18 +141,15 @@ class DistillMixin:
             logger.info("MODEL.DISTILL.LOSSES is empty: training the student alone.")
             return {"teacher": None, "distillers": {}}
         teacher, tcfg, _ = build_teacher(cfg)
-        t_shapes = teacher.backbone.output_shape()
-        missing = [n for n in student_shapes if n not in t_shapes]
-        if missing:
-            raise TeacherError(
-                f"FPN levels {missing} of the student are missing from the teacher's backbone "
-                f"outputs {sorted(t_shapes)}."
-            )
-        t_shapes = {n: t_shapes[n] for n in student_shapes}
+        classes = {n: DISTILL_LOSS_REGISTRY.get(n) for n in names}
+        check_compatible(student, teacher, classes)
+        s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
+        levels = list(student.head_in_features)
+        s_shapes = {n: s_shapes[n] for n in levels}
+        t_shapes = {n: t_shapes[n] for n in levels}
         return {
             "teacher": teacher,
-            "distillers": {n: DISTILL_LOSS_REGISTRY.get(n)(cfg, student_shapes, t_shapes)
-                           for n in names},
+            "distillers": {n: c(cfg, s_shapes, t_shapes) for n, c in classes.items()},
             "teacher_input_format": tcfg.INPUT.FORMAT,
             "start_iter": cfg.MODEL.DISTILL.START_ITER,
             "stop_iter": cfg.MODEL.DISTILL.STOP_ITER,
@@ -313,9 +313,7 @@ class DistillMetaArch(DistillMixin, RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = RetinaNet.from_config(cfg)
-        shapes = ret["backbone"].output_shape()
-        levels = ret["head_in_features"]
-        ret["distill"] = cls.distillation_from_config(cfg, {n: shapes[n] for n in levels})
+        ret["distill"] = cls.distillation_from_config(cfg, SimpleNamespace(**ret))
         return ret
 
     def _ema_update(self, name: str, value: float, initial_value: float, momentum: float = 0.9):

@@ -242,12 +242,14 @@ def teacher_is_frozen(model: nn.Module) -> bool:
     return not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def check_compatible(student: RetinaNet, teacher: RetinaNet, distillers: dict[str, Distiller]
+def check_compatible(student, teacher: RetinaNet, distillers: dict[str, type[Distiller]]
                      ) -> None:
     """Raise TeacherError (naming the key) if the pair cannot be distilled with ``distillers``.
 
-    FPN levels are paired by name and must have the same stride; what else is checked follows the
-    distillers' ``needs``.
+    ``student``: the student or its parts (``backbone``, ``head_in_features``, ``num_classes``,
+    ``anchor_generator``); ``distillers``: name -> distiller class or module. FPN levels are
+    paired by name and must have the same stride; what else is checked follows the distillers'
+    ``needs``. Run once, when the meta-arch is built from its config.
     """
     s_names = list(student.head_in_features)
     s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
