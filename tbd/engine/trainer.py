@@ -89,6 +89,18 @@ def set_rng_state(st: dict) -> None:
                            "restored.", len(st["cuda"]), torch.cuda.device_count())
 
 
+def exact_jit():
+    """A context in which scripted functions run the same graph on every call.
+
+    Detectron2's RetinaNet loss calls fvcore's scripted focal loss. With TorchScript's graph
+    optimisation on, its first call in a process runs a profiling graph and later calls an
+    optimised one, which round differently: a process resumed at iteration k would compute step k
+    unlike the uninterrupted process, and the difference grows. Off from a process's first call,
+    every call runs the same graph, so a resumed run repeats an uninterrupted one bit for bit.
+    """
+    return torch.jit.optimized_execution(False)
+
+
 class DistillTrainer(DefaultTrainer):
     """DefaultTrainer for DistillMetaArch (and plain RetinaNet) runs; see the module doc."""
 
@@ -120,6 +132,11 @@ class DistillTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def train(self):
+        """DefaultTrainer.train, without TorchScript graph optimisation (see ``exact_jit``)."""
+        with exact_jit():
+            return super().train()
 
     # ------------------------------------------------------------------------------- building
     @classmethod
