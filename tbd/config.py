@@ -104,3 +104,38 @@ def student_config(cfg: CN) -> CN:
     if "DISTILL" in out.MODEL:
         del out.MODEL["DISTILL"]
     return out
+
+
+def flatten(node: CN, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of every leaf of a config (tuples as lists, as yaml writes them)."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, CN):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def portable_dump(cfg: CN) -> str:
+    """``cfg`` as yaml with only the keys whose value differs from stock Detectron2's defaults
+    (plus ``VERSION``), so that Detectron2 versions with other sets of keys read it.
+
+    A full ``dump()`` written by Detectron2 main lists main's extra keys, which v0.6's
+    ``get_cfg()`` rejects ("Non-existent config key"); keys left at their defaults are not needed
+    to rebuild the same model. For stock configs (no ``MODEL.DISTILL``).
+    """
+    import yaml
+    from detectron2.config import get_cfg
+
+    defaults = flatten(get_cfg())
+    nested: dict = {}
+    for key, value in flatten(cfg).items():
+        if key != "VERSION" and key in defaults and defaults[key] == value:
+            continue
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return yaml.safe_dump(nested, sort_keys=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from detectron2.config import CfgNode
 
+from ..config import portable_dump
 from .io import atomic_write, atomic_write_text, sha256_file
 from .training import CheckpointError
 
@@ -105,7 +106,7 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
     meta = {"file": final.name, "sha256": sha, "source_checkpoint": str(checkpoint),
             **(metadata or {})}
     atomic_write_text(str(out / f"{final.stem}.json"), json.dumps(meta, indent=2))
-    atomic_write_text(str(out / f"{final.stem}_config.yaml"), student_cfg.dump())
+    atomic_write_text(str(out / f"{final.stem}_config.yaml"), portable_dump(student_cfg))
     logger.info("Released %s (%d tensors)", final, len(sd))
     return final
 

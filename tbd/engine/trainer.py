@@ -183,9 +183,14 @@ class DistillTrainer(DefaultTrainer):
         # The checkpoint's teacher was compared with this one before anything was written
         # (tbd.engine.defaults.prepare_training -> tbd.modeling.teacher.check_resume_teacher).
         extra = state_dict.get("tbd")
-        super().load_state_dict(state_dict)
-        if not _D2_SAVES_INNER_TRAINER and "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+        if "_trainer" in state_dict:
+            super().load_state_dict(state_dict)  # later versions: also the inner trainer
+            if not _D2_SAVES_INNER_TRAINER:
+                self._trainer.load_state_dict(state_dict["_trainer"])
+        else:  # later DefaultTrainers raise KeyError: restore what the checkpoint has
+            TrainerBase.load_state_dict(self, state_dict)
+            logger.warning("The checkpoint has no optimizer state ('_trainer'; written by another "
+                           "trainer): SGD momentum and the AMP grad scaler restart.")
         if extra is None:
             logger.warning("The checkpoint has no 'tbd' resume state (written by another "
                            "trainer): the data position, RNG states and loss normaliser restart.")

@@ -156,7 +156,7 @@ class DistillMixin:
             "warmup_iters": resolve_warmup_iters(cfg),
             "log_period": cfg.MODEL.DISTILL.LOG_PERIOD,
             "check_finite": cfg.MODEL.DISTILL.CHECK_FINITE,
-            "teacher_fingerprint": teacher_fingerprint(cfg, tcfg),
+            "teacher_fingerprint": teacher_fingerprint(cfg),
         }
 
     # ------------------------------------------------------------------------------- teacher

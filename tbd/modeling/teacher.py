@@ -11,6 +11,7 @@ fully is refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from ..checkpoint.io import sha256_file
+from ..config import flatten
 from ..distillers.registry import (
     DENSE_TEACHER_HEAD,
     NEEDS,
@@ -97,7 +99,11 @@ class _ReportingCheckpointer(DetectionCheckpointer):
 
 
 def resolve_config_path(path: str) -> str:
-    """A yaml path that exists, or a Detectron2 model-zoo config name; raise TeacherError if not."""
+    """A yaml path that exists, or a Detectron2 model-zoo config name; raise TeacherError if not.
+
+    A model zoo that cannot be imported is reported with its cause (Detectron2 main's
+    ``model_zoo`` imports ``pkg_resources``, which ``setuptools>=82`` no longer has).
+    """
     if not path:
         raise TeacherError(
             "MODEL.DISTILL.TEACHER.CONFIG is empty: set it to the teacher's yaml file or a "
@@ -107,9 +113,16 @@ def resolve_config_path(path: str) -> str:
         return path
     try:
         from detectron2 import model_zoo
-
+    except ImportError as e:
+        raise TeacherError(
+            f"MODEL.DISTILL.TEACHER.CONFIG={path!r}: no such file (relative paths are resolved "
+            f"from the working directory {os.getcwd()}), and Detectron2's model zoo, which would "
+            f"resolve a zoo name, cannot be imported: {type(e).__name__}: {e}. With Detectron2 "
+            "main, install setuptools<82 (its model_zoo imports pkg_resources)."
+        ) from e
+    try:
         zoo_path = model_zoo.get_config_file(path)
-    except Exception:  # noqa: BLE001 - any failure means "not a zoo name"
+    except RuntimeError:  # "... not available in Model Zoo!"
         zoo_path = None
     if zoo_path and os.path.isfile(zoo_path):
         return zoo_path
@@ -221,20 +234,60 @@ def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, TeacherLoadReport |
     return freeze(model), tcfg, report
 
 
-def teacher_fingerprint(cfg: CfgNode, tcfg: CfgNode) -> dict:
-    """sha256 of the teacher's merged config (device excluded) and of its weights file.
+# What decides a teacher's outputs on an input: its model and input sections, without the device
+# and the weights path (the weights are hashed by content) or the keys of a distilled teacher's
+# own distillation. Only keys whose value differs from Detectron2's defaults are fingerprinted, so
+# that a Detectron2 version with more (default) keys gives the same fingerprint.
+_FINGERPRINT_SECTIONS = ("MODEL.", "INPUT.")
+_FINGERPRINT_IGNORED = ("MODEL.DEVICE", "MODEL.WEIGHTS", "MODEL.DISTILL.")
+FINGERPRINT_VERSION = 2
 
-    Stored in every training checkpoint; ``--resume`` with another teacher is refused.
+
+def _default_config() -> CfgNode:
+    from ..config import add_tbd_config
+
+    c = get_cfg()
+    add_tbd_config(c)
+    return c
+
+
+def output_keys(c: CfgNode) -> dict[str, object]:
+    """The model and input keys of ``c`` that differ from Detectron2's defaults (dotted names)."""
+    defaults = flatten(_default_config())
+    return {k: v for k, v in sorted(flatten(c).items())
+            if k.startswith(_FINGERPRINT_SECTIONS) and not k.startswith(_FINGERPRINT_IGNORED)
+            and (k not in defaults or defaults[k] != v)}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def teacher_fingerprint(cfg: CfgNode) -> dict:
+    """What identifies the teacher of ``cfg``: sha256 of its weights file, of the model and input
+    keys its yaml sets, and of what ``MODEL.DISTILL.TEACHER.OPTS`` changes on top.
+
+    Stored in every training checkpoint; ``--resume`` with another teacher is refused, naming
+    which of the three changed. Independent of the device, of paths and of the Detectron2 version
+    (keys a version adds at their defaults are not part of it).
     """
-    c = tcfg.clone()
-    c.defrost()
-    c.MODEL.DEVICE = ""  # resuming on another device is the same teacher
-    weights = cfg.MODEL.DISTILL.TEACHER.WEIGHTS
+    t = cfg.MODEL.DISTILL.TEACHER
+    own = _default_config()
+    own.merge_from_file(resolve_config_path(t.CONFIG))
+    merged = own.clone()
+    merged.merge_from_list(list(t.OPTS))
+    own_keys, merged_keys = output_keys(own), output_keys(merged)
+    overrides = {k: merged_keys.get(k) for k in sorted(set(own_keys) | set(merged_keys))
+                 if own_keys.get(k) != merged_keys.get(k)}
     return {
-        "config": cfg.MODEL.DISTILL.TEACHER.CONFIG,
-        "config_sha256": hashlib.sha256(c.dump().encode()).hexdigest(),
-        "weights": weights,
-        "weights_sha256": sha256_file(PathManager.get_local_path(weights)) if weights else None,
+        "version": FINGERPRINT_VERSION,
+        "config": t.CONFIG,
+        "config_sha256": _digest(own_keys),
+        "overrides": list(t.OPTS),
+        "overrides_sha256": _digest(overrides),
+        "weights": t.WEIGHTS,
+        "weights_sha256": sha256_file(PathManager.get_local_path(t.WEIGHTS)) if t.WEIGHTS
+        else None,
     }
 
 
@@ -319,25 +372,45 @@ def teacher_images(teacher: nn.Module, batched_inputs: list[dict], student_image
     return ImageList(padded, list(student_images.image_sizes))
 
 
-def _describe(fp: Optional[dict]) -> str:
-    if not fp:
-        return "no teacher (MODEL.DISTILL.LOSSES empty)"
-    w = fp["weights_sha256"][:12] if fp.get("weights_sha256") else "none"
-    return (f"config {fp['config']!r} (sha256 {fp['config_sha256'][:12]}), weights "
-            f"{fp['weights']!r} (sha256 {w})")
+def _short(sha: Optional[str]) -> str:
+    return sha[:12] if sha else "none"
 
 
 def check_same_teacher(saved: Optional[dict], current: Optional[dict], checkpoint: str) -> None:
-    """Raise TeacherError if a checkpoint's teacher fingerprint differs from the current one."""
-    keys = ("config_sha256", "weights_sha256")
-    if [(saved or {}).get(k) for k in keys] == [(current or {}).get(k) for k in keys]:
+    """Raise TeacherError if a checkpoint's teacher differs from the current one, naming which of
+    its weights, config and overrides changed."""
+    if not saved and not current:
+        return
+    if not saved or not current:
+        was = "no teacher" if not saved else f"the teacher {saved.get('config')!r}"
+        now = "no teacher" if not current else f"the teacher {current.get('config')!r}"
+        raise TeacherError(
+            f"--resume: {checkpoint} was trained with {was}, but MODEL.DISTILL now gives {now} "
+            "(MODEL.DISTILL.LOSSES). Resume with the losses it was trained with, or start a new "
+            "run in another OUTPUT_DIR with MODEL.WEIGHTS=<checkpoint>, without --resume.")
+    changed = []
+    if saved.get("weights_sha256") != current.get("weights_sha256"):
+        changed.append(f"weights (MODEL.DISTILL.TEACHER.WEIGHTS: {saved.get('weights')!r}, sha256 "
+                       f"{_short(saved.get('weights_sha256'))}, now {current.get('weights')!r}, "
+                       f"{_short(current.get('weights_sha256'))})")
+    if saved.get("version", 1) < FINGERPRINT_VERSION:
+        logger.warning("%s holds a teacher fingerprint of an older version of this project: only "
+                       "the teacher's weights are compared, not its config.", checkpoint)
+    else:
+        if saved.get("config_sha256") != current.get("config_sha256"):
+            changed.append(f"config (MODEL.DISTILL.TEACHER.CONFIG: {saved.get('config')!r} set "
+                           "other model or input keys than "
+                           f"{current.get('config')!r} does)")
+        if saved.get("overrides_sha256") != current.get("overrides_sha256"):
+            changed.append(f"overrides (MODEL.DISTILL.TEACHER.OPTS: {saved.get('overrides')}, "
+                           f"now {current.get('overrides')})")
+    if not changed:
         return
     raise TeacherError(
-        f"--resume: {checkpoint} was trained with the teacher {_describe(saved)}, but "
-        f"MODEL.DISTILL.TEACHER now gives {_describe(current)}. A distillation resumes with its "
-        "own teacher: restore MODEL.DISTILL.TEACHER.CONFIG, WEIGHTS and OPTS. To go on from this "
-        "student with another teacher on purpose, start a new run in another OUTPUT_DIR with "
-        "MODEL.WEIGHTS=<checkpoint>, without --resume."
+        f"--resume: {checkpoint} was trained with another teacher; changed: {'; '.join(changed)}. "
+        "A distillation resumes with its own teacher: give it the teacher it was trained with. "
+        "To go on from this student with this teacher on purpose, start a new run in another "
+        "OUTPUT_DIR with MODEL.WEIGHTS=<checkpoint>, without --resume."
     )
 
 
