@@ -37,6 +37,12 @@ def add_tbd_config(cfg: CN) -> None:
     # writer already does). False leaves non-finite losses to Detectron2's own check.
     _C.MODEL.DISTILL.CHECK_FINITE = True
 
+    # Inheriting (FGD's and MGD's official configs use it): before the first step of a new run,
+    # copy every teacher parameter outside the bottom-up backbone (the FPN and the head) whose
+    # name and shape match the student's; a report of what was copied is logged. Never applied
+    # on --resume, which continues from the checkpoint.
+    _C.MODEL.DISTILL.INHERIT = False
+
     _C.MODEL.DISTILL.TEACHER = CN()
     # Teacher config: a yaml path (relative to the working directory) or a Detectron2 model-zoo
     # name such as "COCO-Detection/retinanet_R_101_FPN_3x.yaml". Required.

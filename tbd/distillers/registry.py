@@ -36,11 +36,13 @@ SAME_CLASSES = "same_classes"
 SAME_ANCHORS = "same_anchors"
 DENSE_TEACHER_HEAD = "dense_teacher_head"
 GT_MATCHES = "gt_matches"
+HEAD_INTERNALS = "head_internals"
 NEEDS = {
     SAME_CLASSES: "the same number of classes (per-class scores are compared one to one)",
     SAME_ANCHORS: "identical anchors (MODEL.ANCHOR_GENERATOR; outputs are paired anchor by anchor)",
     DENSE_TEACHER_HEAD: "a dense teacher head (RetinaNet-type: per-anchor logits and deltas)",
     GT_MATCHES: "the GT index each student anchor is matched to (computed only when needed)",
+    HEAD_INTERNALS: "RetinaNet-style heads (cls_subnet, bbox_subnet) whose inner maps are read",
 }
 
 # Named methods as users and the benchmarks compare them: name -> MODEL.DISTILL.LOSSES. Each
@@ -128,13 +130,24 @@ class DistillInputs:
     student_box2box: Box2BoxTransform
     teacher_box2box: Box2BoxTransform
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # Head internals, for distillers that declare HEAD_INTERNALS: each head's maps before the
+    # activation of the crossing conv ({"cls": [...], "box": [...]}, one per level), and the
+    # teacher's head, which they run further (frozen).
+    student_internals: Optional[dict[str, list[Tensor]]] = None
+    teacher_internals: Optional[dict[str, list[Tensor]]] = None
+    teacher_head: Optional[nn.Module] = None
 
     def float(self) -> DistillInputs:
         """The taps in fp32 (a no-op for fp32 tensors): distillation runs in fp32, also when the
         forward ran under autocast (bf16/fp16 features, logits and deltas)."""
         names = ("student_features", "teacher_features", "student_logits", "student_deltas",
                  "teacher_logits", "teacher_deltas")
-        return replace(self, **{n: [t.float() for t in getattr(self, n)] for n in names})
+        out = {n: [t.float() for t in getattr(self, n)] for n in names}
+        for n in ("student_internals", "teacher_internals"):
+            maps = getattr(self, n)
+            if maps is not None:
+                out[n] = {k: [t.float() for t in v] for k, v in maps.items()}
+        return replace(self, **out)
 
     @property
     def num_images(self) -> int:

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import TrainingCheckpointer, remove_stale_temporaries
 from ..data import ensure_generated, is_shapes_dataset
 from ..data.loader import ResumableTrainLoader, build_resumable_train_loader
+from ..modeling.teacher import inherit_from_teacher
 from .hooks import MemoryMonitor
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,15 @@ class DistillTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """DefaultTrainer's; a new run (nothing to resume) then inherits from the teacher when
+        MODEL.DISTILL.INHERIT is set, after MODEL.WEIGHTS is loaded."""
+        fresh = not (resume and self.checkpointer.has_checkpoint())
+        super().resume_or_load(resume=resume)
+        teacher = getattr(self.student, "teacher", None)
+        if fresh and teacher is not None and self.cfg.MODEL.DISTILL.INHERIT:
+            inherit_from_teacher(self.student, teacher)
 
     def train(self):
         """DefaultTrainer.train, without TorchScript graph optimisation (see ``exact_jit``)."""

@@ -36,9 +36,9 @@ from torch.profiler import record_function
 
 from ..config import resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
-from ..distillers.registry import GT_MATCHES
+from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
 from .guards import DistillDiagnostics, check_finite, current_iter
-from .taps import DenseTaps, batch_taps, dense_taps
+from .taps import DenseTaps, HeadInternals, batch_taps, dense_taps
 from .teacher import (
     TeacherError,
     TeacherHolder,
@@ -120,6 +120,21 @@ class DistillMixin:
         self.diagnostics = DistillDiagnostics(log_period)
         if teacher is None and len(self.distillers):
             raise TeacherError("Distillers were given without a teacher.")
+        self._internals = self._record_head_internals()
+
+    def _record_head_internals(self) -> Optional[tuple[HeadInternals, HeadInternals]]:
+        """(student, teacher) recorders of the head maps the distillers that declare
+        HEAD_INTERNALS read, at the depths they ask for; None when none does."""
+        users = {n: d for n, d in self.distillers.items() if HEAD_INTERNALS in d.needs}
+        if not users:
+            return None
+        indices = {n: d.head_indices(self.head, self.teacher.head) for n, d in users.items()}
+        if len(set(indices.values())) > 1:
+            raise ValueError(f"Distillers {sorted(users)} read the heads at other depths "
+                             f"{indices}: use one of them at a time.")
+        ks, kt = next(iter(indices.values()))
+        return HeadInternals(self.head, ks).attach(), HeadInternals(self.teacher.head, kt).attach(
+            always=True)
 
     @staticmethod
     def distillation_from_config(cfg, student) -> dict:
@@ -182,13 +197,19 @@ class DistillMixin:
         images = super().preprocess_image(batched_inputs)
         if not self.training or self.teacher is None:
             return images
+        if self._internals is not None:  # a new step: forget what an interrupted one recorded
+            for recorder in self._internals:
+                recorder.take()
         return PairedImages(images, teacher_images(self.teacher, batched_inputs, images,
                                                    self.input_format, self.teacher_input_format))
 
     def teacher_taps(self, images: PairedImages) -> DenseTaps:
         """The teacher's FPN features and head outputs on its own input, without gradient."""
         with torch.no_grad(), record_function("tbd.teacher_forward"):
-            return dense_taps(self.teacher, images.teacher)
+            taps = dense_taps(self.teacher, images.teacher)
+        if self._internals is not None:
+            taps.internals = self._internals[1].take()
+        return taps
 
     # ------------------------------------------------------------------------------- schedule
     def distill_factor(self, it: Optional[int]) -> float:
@@ -211,6 +232,8 @@ class DistillMixin:
         if self.teacher is None:
             return super().forward_training(images, features, predictions, gt_instances)
         student = DenseTaps(images, features, predictions)
+        if self._internals is not None:
+            student.internals = self._internals[0].take()
         targets = self.detection_targets(features, gt_instances, self.needs_gt_matches)
         with record_function("tbd.student_det_loss"):
             losses = self.detection_losses(student, targets)
@@ -265,6 +288,9 @@ class DistillMixin:
             student_box2box=self.box2box_transform,
             teacher_box2box=self.teacher.box2box_transform,
             image_sizes=list(student.images.image_sizes),
+            student_internals=student.internals,
+            teacher_internals=teacher.internals,
+            teacher_head=self.teacher.head if self._internals is not None else None,
         )
 
     @torch.no_grad()

@@ -421,3 +421,46 @@ def check_resume_teacher(checkpoint: str, model: nn.Module) -> None:
     if "tbd" in state:
         check_same_teacher(state["tbd"].get("teacher"),
                            getattr(model, "teacher_fingerprint", None), checkpoint)
+
+
+# Parameters under this prefix are the bottom-up backbone (ResNet), which inheriting leaves alone:
+# FGD and MGD copy the teacher's neck (Detectron2: ``backbone.fpn_*``, ``backbone.top_block``)
+# and head.
+_BOTTOM_UP = "backbone.bottom_up."
+
+
+@dataclass
+class InheritReport:
+    """What inheriting did: names copied, and the student's others with the teacher's shape."""
+
+    copied: list[str] = field(default_factory=list)
+    other_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    not_in_teacher: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        more = " ..." if len(self.copied) > 8 else ""
+        return (f"Inherited {len(self.copied)} tensors from the teacher (its FPN and head, where "
+                f"names and shapes match): {self.copied[:8]}{more}"
+                f"; {len(self.other_shape)} with other shapes kept their initialisation "
+                + ", ".join(f"{k} student{a} teacher{b}" for k, a, b in self.other_shape[:5])
+                + f"; {len(self.not_in_teacher)} the teacher lacks.")
+
+
+@torch.no_grad()
+def inherit_from_teacher(student: nn.Module, teacher: nn.Module) -> InheritReport:
+    """Copy every teacher tensor outside the bottom-up backbone (parameters and buffers, e.g. BN
+    statistics) whose name and shape match the student's into the student."""
+    t_state = teacher.state_dict()
+    report = InheritReport()
+    for name, value in student.state_dict().items():
+        if name.startswith(_BOTTOM_UP) or name.startswith("distillers."):
+            continue
+        if name not in t_state:
+            report.not_in_teacher.append(name)
+        elif tuple(t_state[name].shape) != tuple(value.shape):
+            report.other_shape.append((name, tuple(value.shape), tuple(t_state[name].shape)))
+        else:
+            value.copy_(t_state[name])
+            report.copied.append(name)
+    logger.info(report.summary())
+    return report

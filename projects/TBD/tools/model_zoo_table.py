@@ -90,6 +90,8 @@ def main(argv=None) -> int:
             name, config = f"teacher {teacher_name}", teacher_config
         runs = [r for r in acc["rows"] if r["method"] == method
                 and (method != "tbd" or r["hs_form"] == "harmony") and not r["indicative"]]
+        if method != "teacher" and not runs:
+            continue  # a method these results did not run
         aps = [r["AP"] for r in runs if r.get("AP") is not None]
         ap = sum(aps) / len(aps) if aps else None
         if method == "baseline":
