@@ -15,19 +15,19 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
 
-from tbd.data import DataError, check_dataset
+from tbd.data import SHAPE_CLASSES, DataError, check_dataset
 from tbd.data.loader import box_stats
 
 from .conftest import make_batch, make_teacher, tiny_distill_cfg, write_cfg
 from .helpers import run_main
 
 
-def _register(name: str, records: list[dict]) -> str:
+def _register(name: str, records: list[dict], classes=SHAPE_CLASSES) -> str:
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: [dict(r) for r in records])
-    MetadataCatalog.get(name).set(thing_classes=["a", "b", "c", "d", "e"])
+    MetadataCatalog.get(name).set(thing_classes=list(classes))
     return name
 
 
@@ -67,6 +67,39 @@ def _teacher_without_p7(cfg, tmp_path, tiny_datasets):
         "MODEL.RETINANET.IN_FEATURES": "['p3', 'p4', 'p5', 'p6']",
         "MODEL.ANCHOR_GENERATOR.SIZES": sizes})
     cfg.MODEL.DISTILL.TEACHER.CONFIG, cfg.MODEL.DISTILL.TEACHER.WEIGHTS = c, w
+
+
+def _more_classes_than_the_head(cfg, tmp_path, tiny_datasets):
+    recs = _records(tiny_datasets, [[[4.0, 4.0, 20.0, 20.0]]] * 3)
+    recs[0]["annotations"][0]["category_id"] = 5  # a sixth class; the head has 5
+    cfg.DATASETS.TRAIN = (_register("tbd_test_six", recs, list(SHAPE_CLASSES) + ["hexagon"]),)
+
+
+def _train_sets_disagree(cfg, tmp_path, tiny_datasets):
+    other = _register("tbd_test_other_classes", DatasetCatalog.get(tiny_datasets[0]), "vwxyz")
+    cfg.DATASETS.TRAIN = (tiny_datasets[0], other)
+
+
+def _test_set_other_classes(cfg, tmp_path, tiny_datasets):
+    other = list(SHAPE_CLASSES[:-1]) + ["hexagon"]
+    cfg.DATASETS.TEST = (_register("tbd_test_val_other", DatasetCatalog.get(tiny_datasets[1]),
+                                   other),)
+
+
+def _test_set_empty(cfg, tmp_path, tiny_datasets):
+    cfg.DATASETS.TEST = (_register("tbd_test_val_empty", []),)
+
+
+def _all_boxes_nan(cfg, tmp_path, tiny_datasets):
+    nan = float("nan")
+    recs = _records(tiny_datasets, [[[nan, 4.0, 20.0, 20.0]], [[4.0, 4.0, nan, nan]]])
+    cfg.DATASETS.TRAIN = (_register("tbd_test_nan_boxes", recs),)
+
+
+def _image_missing(cfg, tmp_path, tiny_datasets):
+    recs = _records(tiny_datasets, [[[4.0, 4.0, 20.0, 20.0]]] * 3)
+    recs[1]["file_name"] = str(tmp_path / "no_such_image.png")
+    cfg.DATASETS.TRAIN = (_register("tbd_test_missing_image", recs),)
 
 
 def _truncate(path):
@@ -117,6 +150,18 @@ CASES = {
         "MODEL.WEIGHTS"),
     "amp_on_cpu": (
         lambda c, t, d: setattr(c.SOLVER.AMP, "ENABLED", True), "SOLVER.AMP.ENABLED"),
+    "dataset_more_classes_than_head": (
+        _more_classes_than_the_head, "MODEL.RETINANET.NUM_CLASSES=5, but the training data has 6"),
+    "train_datasets_disagree": (_train_sets_disagree, "different thing_classes"),
+    "test_set_other_classes": (_test_set_other_classes, "DATASETS.TEST: dataset 'tbd_test_val_"),
+    "test_set_empty": (_test_set_empty, "'tbd_test_val_empty' has no images"),
+    "all_boxes_nan": (_all_boxes_nan, "no valid box"),
+    "image_file_missing": (_image_missing, "no_such_image.png (missing)"),
+    "checkpoint_period_zero": (
+        lambda c, t, d: setattr(c.SOLVER, "CHECKPOINT_PERIOD", 0), "SOLVER.CHECKPOINT_PERIOD"),
+    "max_iter_zero": (lambda c, t, d: setattr(c.SOLVER, "MAX_ITER", 0), "SOLVER.MAX_ITER"),
+    "ims_per_batch_zero": (
+        lambda c, t, d: setattr(c.SOLVER, "IMS_PER_BATCH", 0), "SOLVER.IMS_PER_BATCH"),
 }
 
 

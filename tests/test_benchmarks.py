@@ -34,12 +34,13 @@ def test_bootstrap_ratio_constant_and_noisy():
 def test_run_specs_cover_the_protocol():
     specs = accuracy_protocol.run_specs(accuracy_protocol.PROFILES["cpu"])
     main = [s for s in specs if not s["indicative"]]
-    assert sorted({s["method"] for s in main}) == ["baseline", "fgd", "frs", "tbd"]
+    methods = ("baseline", "crosskd", "fgd", "frs", "mgd", "pkd", "tbd")  # tbd.METHODS, in order
+    assert accuracy_protocol.MAIN_METHODS == methods
+    assert sorted({s["method"] for s in main}) == sorted(methods)
     assert all(len([s for s in main if s["method"] == m]) == 3 for m in ("baseline", "tbd"))
     # seed-major: an interrupted profile already has every method on seed 0
-    assert accuracy_protocol.MAIN_METHODS == ("baseline", "fgd", "frs", "tbd")  # tbd.METHODS
-    assert [(s["method"], s["seed"]) for s in main[:5]] == [
-        ("baseline", 0), ("fgd", 0), ("frs", 0), ("tbd", 0), ("baseline", 1)]
+    assert [(s["method"], s["seed"]) for s in main[:8]] == [
+        *((m, 0) for m in methods), ("baseline", 1)]
     forms = {s["hs_form"] for s in specs if s["method"] == "tbd"}
     assert forms == {"harmony", "aligned", "consistency"}
     variants = {s["variant"]: s["opts"] for s in specs if s.get("variant")}

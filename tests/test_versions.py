@@ -111,7 +111,8 @@ def test_model_zoo_import_error_is_reported_with_its_cause(monkeypatch):
 
     monkeypatch.delattr(detectron2, "model_zoo", raising=False)
     monkeypatch.setitem(sys.modules, "detectron2.model_zoo", None)  # import fails
-    with pytest.raises(TeacherError, match=r"model zoo.*cannot be imported: ModuleNotFoundError") as err:
+    zoo_error = r"model zoo.*cannot be imported: ModuleNotFoundError"
+    with pytest.raises(TeacherError, match=zoo_error) as err:
         teacher_mod.resolve_config_path("COCO-Detection/retinanet_R_101_FPN_3x.yaml")
     assert "setuptools<82" in str(err.value)
     monkeypatch.undo()

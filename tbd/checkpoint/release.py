@@ -20,7 +20,7 @@ import torch
 from detectron2.config import CfgNode
 
 from ..config import portable_dump
-from .io import atomic_write, atomic_write_text, sha256_file
+from .io import atomic_write, atomic_write_text, json_safe, sha256_file
 from .training import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,9 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
     atomic_write(str(final), "wb", lambda f: f.write(data))
     meta = {"file": final.name, "sha256": sha, "source_checkpoint": str(checkpoint),
             **(metadata or {})}
-    atomic_write_text(str(out / f"{final.stem}.json"), json.dumps(meta, indent=2))
+    # strict JSON: an undefined metric (NaN, e.g. APl without large objects) is written as null
+    atomic_write_text(str(out / f"{final.stem}.json"),
+                      json.dumps(json_safe(meta), indent=2, allow_nan=False))
     atomic_write_text(str(out / f"{final.stem}_config.yaml"), portable_dump(student_cfg))
     logger.info("Released %s (%d tensors)", final, len(sd))
     return final

@@ -8,8 +8,10 @@ teacher; ``--resume`` picks the newest complete one.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 from detectron2.checkpoint import DetectionCheckpointer
+from torch import nn
 
 from .io import atomic_torch_save, atomic_write_text, is_complete_checkpoint
 
@@ -84,3 +86,59 @@ class TrainingCheckpointer(DetectionCheckpointer):
                 return path
         raise CheckpointError(f"{tagged} is incomplete and {self.save_dir} has no other complete "
                            "checkpoint to resume from. Start without --resume.")
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did: keys the model lacked, extra keys, shape mismatches."""
+
+    weights: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.shape_mismatch
+
+    def summary(self, title: str = "Load report") -> str:
+        return "\n".join([
+            f"{title} for {self.weights}:",
+            f"  missing keys ({len(self.missing)}): {self.missing[:10]}",
+            f"  unexpected keys ({len(self.unexpected)}): {self.unexpected[:10]}",
+            f"  shape mismatches ({len(self.shape_mismatch)}): "
+            + ", ".join(f"{k} ckpt{a} vs model{b}" for k, a, b in self.shape_mismatch[:10]),
+        ])
+
+
+class _ReportingCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that keeps the incompatible-keys result instead of only logging it,
+    optionally without a distillation checkpoint's ``distillers.*`` keys."""
+
+    incompatible = None
+    strip_distillers = False
+
+    def _load_model(self, checkpoint):  # fvcore/detectron2 hook, stable since detectron2 v0.2
+        if self.strip_distillers:
+            checkpoint["model"] = strip_distiller_keys(checkpoint["model"])
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+
+def load_with_report(model: nn.Module, weights: str, strip_distillers: bool = False
+                     ) -> LoadReport:
+    """Load ``weights`` (a file, URL or zoo ``.pkl``) into ``model``; report what did not fit.
+
+    Detectron2's checkpointer is not strict (it only logs missing and mismatched keys): callers
+    refuse an incomplete load themselves.
+    """
+    ckpt = _ReportingCheckpointer(model)
+    ckpt.strip_distillers = strip_distillers
+    ckpt.load(weights, checkpointables=[])
+    report = LoadReport(weights=weights)
+    inc = ckpt.incompatible
+    if inc is not None:
+        report.missing = sorted(inc.missing_keys)
+        report.unexpected = sorted(inc.unexpected_keys)
+        report.shape_mismatch = [(k, tuple(a), tuple(b)) for k, a, b in inc.incorrect_shapes]
+    return report

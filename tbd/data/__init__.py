@@ -7,6 +7,7 @@ from .loader import (
     check_dataset,
     load_train_dicts,
 )
+from .registration import add_dataset_arguments, register_datasets
 from .shapes import (
     SHAPE_CLASSES,
     ShapesSpec,
@@ -20,6 +21,8 @@ from .shapes import (
 
 __all__ = [
     "DataError",
+    "add_dataset_arguments",
+    "register_datasets",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
     "check_dataset",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ class BoxStats:
     annotations: int = 0  # non-crowd
     crowd: int = 0
     clipped: int = 0  # extends outside the image: clipped, kept
-    dropped: int = 0  # degenerate or outside the image after clipping: dropped
+    dropped: int = 0  # degenerate, non-finite, or outside the image after clipping: dropped
+    nonfinite: int = 0  # of the dropped: a coordinate is NaN or infinite
     unchecked: int = 0  # records without height/width: cannot be checked here
 
     @property
@@ -91,10 +93,13 @@ def box_stats(dicts: list[dict]) -> BoxStats:
     if boxes:
         b = np.asarray(boxes, dtype=np.float64)
         lim = np.asarray(sizes, dtype=np.float64)
-        c = np.clip(b, 0.0, lim)
+        nonfinite = ~np.isfinite(b).all(axis=1)
+        c = np.clip(np.nan_to_num(b), 0.0, lim)
         empty = ((c[:, 2] - c[:, 0]) <= BOX_THRESHOLD) | ((c[:, 3] - c[:, 1]) <= BOX_THRESHOLD)
+        empty |= nonfinite  # Detectron2's mapper drops them (NaN fails its non-empty test)
         changed = np.any(np.abs(c - b) > 0, axis=1)
         st.dropped = int(empty.sum())
+        st.nonfinite = int(nonfinite.sum())
         st.clipped = int((changed & ~empty).sum())
     return st
 
@@ -125,10 +130,90 @@ def check_dataset(name: str, dicts: list[dict], key: str = "DATASETS.TRAIN") -> 
     if st.clipped or st.dropped:
         logger.warning(
             "Dataset '%s': %d of %d boxes extend outside their image and are clipped; %d are "
-            "degenerate or outside after clipping and are dropped (as Detectron2's mapper does).",
-            name, st.clipped, st.annotations, st.dropped,
+            "degenerate or outside after clipping (%d of them with a NaN or infinite coordinate) "
+            "and are dropped (as Detectron2's mapper does).",
+            name, st.clipped, st.annotations, st.dropped, st.nonfinite,
         )
     return st
+
+
+def check_image_files(name: str, dicts: list[dict], key: str = "DATASETS.TRAIN") -> None:
+    """Raise DataError if image files are missing or empty (stat only: a truncated or corrupt
+    file is named by the loader when it is read)."""
+    bad = []
+    for rec in dicts:
+        path = rec.get("file_name")
+        if path is None:
+            continue
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = -1
+        if size <= 0:
+            bad.append((path, "missing" if size < 0 else "empty"))
+    if bad:
+        shown = ", ".join(f"{p} ({why})" for p, why in bad[:5])
+        raise DataError(f"{key}: dataset '{name}'{_source(name)}: {len(bad)} of {len(dicts)} image "
+                        f"files are missing or empty: {shown}. Check its image root.")
+
+
+# Where each stock detector keeps its class count.
+NUM_CLASSES_KEYS = {"RetinaNet": "MODEL.RETINANET.NUM_CLASSES", "FCOS": "MODEL.FCOS.NUM_CLASSES",
+                    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES"}
+
+
+def _thing_classes(name: str) -> Optional[list]:
+    classes = MetadataCatalog.get(name).get("thing_classes", None)
+    return list(classes) if classes is not None else None
+
+
+def check_classes(cfg: CfgNode, dicts_by_name: dict[str, list[dict]]) -> None:
+    """Refuse training sets whose classes disagree with each other, with the test sets, or with
+    the head's class count (the extra classes would silently train as background)."""
+    from ..modeling.teacher import stock_meta_architecture
+
+    known = {n: c for n in dicts_by_name if (c := _thing_classes(n)) is not None}
+    ref_name, ref = next(iter(known.items()), (None, None))
+    for name, classes in known.items():
+        if classes != ref:
+            raise DataError(
+                f"DATASETS.TRAIN: datasets '{ref_name}' and '{name}' have different thing_classes "
+                f"({ref} vs {classes}); training on both would mix their labels (stock Detectron2 "
+                "refuses this too). Register them with the same classes in the same order.")
+    key = NUM_CLASSES_KEYS.get(stock_meta_architecture(cfg.MODEL.META_ARCHITECTURE))
+    if key is not None:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        num_classes = int(node)
+        ids = [a["category_id"] for d in dicts_by_name.values() for rec in d
+               for a in rec.get("annotations", [])]
+        largest = max(ids, default=-1)
+        count = len(ref) if ref is not None else largest + 1
+        if count > num_classes or largest >= num_classes:
+            raise DataError(
+                f"{key}={num_classes}, but the training data has {count} categories (contiguous "
+                f"ids up to {largest}): the extra ones would train as background. Set {key} "
+                f"{count} (for a distillation, the teacher's too: MODEL.DISTILL.TEACHER.OPTS).")
+    for name in cfg.DATASETS.TEST:
+        classes = _thing_classes(name)
+        if ref is not None and classes is not None and classes != ref:
+            raise DataError(
+                f"DATASETS.TEST: dataset '{name}' has thing_classes {classes}, the training data "
+                f"'{ref_name}' {ref}: the model's class ids would be scored against other "
+                "categories (a category the training set lacks scores AP 0). Register both with "
+                "the same classes in the same order.")
+
+
+def check_test_sets(cfg: CfgNode) -> None:
+    """Refuse empty or unreadable DATASETS.TEST before training (the final evaluation would find
+    it only after the last iteration)."""
+    for name in cfg.DATASETS.TEST:
+        dicts = DatasetCatalog.get(name)
+        if not dicts:
+            raise DataError(f"DATASETS.TEST: dataset '{name}'{_source(name)} has no images: the "
+                            "evaluation after training would fail. Fix it, or set DATASETS.TEST "
+                            "\"()\" to train without evaluation.")
 
 
 def load_train_dicts(cfg: CfgNode) -> list[dict]:
@@ -137,13 +222,22 @@ def load_train_dicts(cfg: CfgNode) -> list[dict]:
     Also used as the pre-flight check of ``train_net.py``: it runs before the output folder is
     written, and its result is handed to the loader so the annotations are read once.
     """
-    all_dicts = []
+    by_name = {}
     for name in cfg.DATASETS.TRAIN:
         dicts = DatasetCatalog.get(name)
         check_dataset(name, dicts)
-        all_dicts.extend(dicts)
+        check_image_files(name, dicts)
+        by_name[name] = dicts
+    check_classes(cfg, by_name)
+    check_test_sets(cfg)
+    all_dicts = [d for dicts in by_name.values() for d in dicts]
     if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+        before = len(all_dicts)
         all_dicts = filter_images_with_only_crowd_annotations(all_dicts)
+        if len(all_dicts) < before:
+            logger.info("DATALOADER.FILTER_EMPTY_ANNOTATIONS: %d of %d training images have no "
+                        "(non-crowd) box and are left out; set it False to train on them.",
+                        before - len(all_dicts), before)
     return all_dicts
 
 
@@ -201,8 +295,16 @@ class _PositionDataset(Dataset):
     def __getitem__(self, pos: int):
         idx = self._index(pos)
         for attempt in range(10):
-            with _forked_rng(_seed_for(self._index.seed, pos, attempt)):
-                out = self._mapper(self._data[idx])
+            record = self._data[idx]
+            try:
+                with _forked_rng(_seed_for(self._index.seed, pos, attempt)):
+                    out = self._mapper(record)
+            except Exception as e:  # noqa: BLE001 - name the file whatever the reader raised
+                name = record.get("file_name", f"record {idx}") if isinstance(record, dict) \
+                    else f"record {idx}"
+                raise DataError(f"{name}: cannot be loaded for training ({type(e).__name__}: "
+                                f"{e}). Is it a complete image file? Replace it or remove its "
+                                "record from the dataset.") from e
             if out is not None:
                 return out
             # The mapper rejected this sample (as MapDataset, retry another one, deterministically).

@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
+from pathlib import Path
 
 import detectron2.utils.comm as comm
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup
@@ -27,30 +26,32 @@ from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import (
-    StudentCheckpointer,
-    TrainingCheckpointer,
-    atomic_write_text,
-    is_complete_checkpoint,
-)
+from ..checkpoint import TrainingCheckpointer, atomic_write_text, is_complete_checkpoint
+from ..checkpoint.io import json_safe
+from ..checkpoint.training import load_with_report
 from ..config import load_config, student_config
-from ..data import load_train_dicts
+from ..data import add_dataset_arguments, load_train_dicts, register_datasets
+from ..data.loader import check_test_sets
 from ..modeling.teacher import check_resume_teacher, stock_meta_architecture
 from .launch import BACKENDS
 from .trainer import DistillTrainer
 
 logger = logging.getLogger(__name__)
 
+# The repository root (an editable install): shipped configs name teacher paths relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def argument_parser():
-    """Detectron2's parser, plus --dist-backend (gloo runs --num-gpus CPU processes)."""
+    """Detectron2's parser, plus --dist-backend (gloo runs --num-gpus CPU processes) and the
+    dataset registration options (--register-coco, --dataset-module)."""
     parser = default_argument_parser()
     parser.add_argument(
         "--dist-backend", default="auto", choices=BACKENDS,
         help="auto: nccl with CUDA, else gloo. With gloo, --num-gpus is the number of CPU "
         "processes per machine (set MODEL.DEVICE cpu).",
     )
-    return parser
+    return add_dataset_arguments(parser)
 
 
 def check_inputs(cfg: CfgNode) -> None:
@@ -75,13 +76,39 @@ def check_inputs(cfg: CfgNode) -> None:
     if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
         raise SystemExit("SOLVER.AMP.ENABLED=True needs MODEL.DEVICE=cuda: Detectron2's AMPTrainer "
                          "is CUDA-only. Set SOLVER.AMP.ENABLED False on CPU.")
+    for key in ("MAX_ITER", "CHECKPOINT_PERIOD", "IMS_PER_BATCH"):
+        value = cfg.SOLVER[key]
+        if not isinstance(value, int) or value < 1:
+            raise SystemExit(f"SOLVER.{key}={value!r}: must be a whole number >= 1.")
+    if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
+        raise SystemExit(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is the total over "
+                         f"{comm.get_world_size()} processes and must divide by their number.")
+
+
+def resolve_teacher_paths(cfg: CfgNode, config_file: str) -> None:
+    """Relative MODEL.DISTILL.TEACHER.CONFIG / WEIGHTS that do not exist from the working
+    directory are looked up beside the config file, then in the repository root, so that the
+    shipped configs work from anywhere; a model-zoo name or URL is left as it is."""
+    t = cfg.MODEL.DISTILL.TEACHER
+    for key in ("CONFIG", "WEIGHTS"):
+        path = t[key]
+        if not path or "://" in path or os.path.isabs(path) or os.path.exists(path):
+            continue
+        for base in (Path(config_file).resolve().parent, REPO_ROOT):
+            if (base / path).exists():
+                t[key] = str(base / path)
+                logger.info("MODEL.DISTILL.TEACHER.%s=%r: using %s", key, path, t[key])
+                break
 
 
 def setup_config(args) -> CfgNode:
-    """Config from file + command-line overrides, checked; writes nothing."""
+    """Config from file + command-line overrides, checked; writes nothing. Registers the datasets
+    the command line names first (``--register-coco``, ``--dataset-module``)."""
+    register_datasets(args)
     if not args.config_file or not os.path.isfile(args.config_file):
         raise SystemExit(f"--config-file {args.config_file!r}: file not found (cwd {os.getcwd()}).")
     cfg = load_config(args.config_file, args.opts, cpu_fallback=False)
+    resolve_teacher_paths(cfg, args.config_file)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Convenience for the CPU-first configs: Detectron2's default device is "cuda".
         logger.warning("MODEL.DEVICE=%s but CUDA is unavailable: using cpu.", cfg.MODEL.DEVICE)
@@ -158,37 +185,50 @@ def prepare_training(cfg: CfgNode, args, trainer_cls=DistillTrainer):
 
 
 def build_eval_model(cfg: CfgNode):
-    """The student alone, as its stock detector: ``--eval-only`` builds no teacher, and loads a
-    distillation checkpoint without its ``distillers.*`` keys."""
-    stock = stock_meta_architecture(cfg.MODEL.META_ARCHITECTURE)
-    if stock != cfg.MODEL.META_ARCHITECTURE:
-        model = build_model(student_config(cfg))
-        checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    else:
-        model = build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    """The student alone, as its stock detector, with MODEL.WEIGHTS loaded and checked:
+    ``--eval-only`` builds no teacher, drops a distillation checkpoint's ``distillers.*`` keys,
+    and refuses weights that leave any of the model's tensors unloaded (a teacher's or another
+    architecture's checkpoint, or none at all), which would evaluate a random model."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise SystemExit("MODEL.WEIGHTS is empty: give the checkpoint to evaluate (a training "
+                         "checkpoint or a release); a random model would be evaluated otherwise.")
+    distilling = stock_meta_architecture(cfg.MODEL.META_ARCHITECTURE) != \
+        cfg.MODEL.META_ARCHITECTURE
+    model = build_model(student_config(cfg) if distilling else cfg)
+    try:
+        report = load_with_report(model, weights, strip_distillers=distilling)
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated, not a checkpoint
+        raise SystemExit(f"MODEL.WEIGHTS={weights!r} could not be loaded ({type(e).__name__}: "
+                         f"{e}). Is it a complete Detectron2/PyTorch checkpoint?") from e
+    if not report.complete:
+        raise SystemExit(
+            f"MODEL.WEIGHTS={weights!r} does not fit the {type(model).__name__} of this config: "
+            f"{len(report.missing)} of its tensors are missing from the file and "
+            f"{len(report.shape_mismatch)} have other shapes. Is it a checkpoint of this model "
+            f"(not its teacher's, nor another architecture's)?\n{report.summary()}")
+    if report.unexpected:
+        logger.warning("MODEL.WEIGHTS has %d tensors the model does not use (ignored): %s",
+                       len(report.unexpected), report.unexpected[:10])
     return model
-
-
-def _json_safe(x):
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, float) and math.isnan(x):
-        return None  # undefined metric (e.g. APl without large objects)
-    return x
 
 
 def write_results(results, path: str) -> None:
     """Evaluation results as JSON (NaN written as null), atomically."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write_text(path, json.dumps(_json_safe(dict(results)), indent=2))
+    atomic_write_text(path, json.dumps(json_safe(dict(results)), indent=2, allow_nan=False))
 
 
 def evaluate(cfg: CfgNode, args, trainer_cls=DistillTrainer):
-    """``--eval-only``: the student's COCO evaluation, also written to eval_results.json."""
+    """``--eval-only``: the student's COCO evaluation, also written to eval_results.json. The
+    model, its weights and the test sets are checked before anything is written."""
+    with held_logs() as held:
+        model = build_eval_model(cfg)
+        if not cfg.DATASETS.TEST:
+            raise SystemExit("--eval-only: DATASETS.TEST is empty: name the dataset to evaluate.")
+        check_test_sets(cfg)
     setup_outputs(cfg, args)
-    model = build_eval_model(cfg)
+    replay(held)
     res = trainer_cls.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, res)

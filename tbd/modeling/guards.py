@@ -30,26 +30,8 @@ def current_iter() -> Optional[int]:
         return None
 
 
-def check_finite(raw: dict[str, Tensor], inputs: DistillInputs, it: Optional[int]) -> None:
-    """Raise FloatingPointError naming the non-finite distillation term(s) and likely cause.
-
-    With several processes the verdict is all-reduced, so every process stops at the same step
-    instead of the others waiting in the next collective until its timeout.
-    """
-    if not raw:
-        return
-    values = torch.stack([v.detach().float() for v in raw.values()])
-    flag = (~torch.isfinite(values)).any().float().reshape(1)
-    if comm.get_world_size() > 1:
-        torch.distributed.all_reduce(flag)
-    if float(flag.item()) == 0.0:
-        return
-    bad = [k for k, v in raw.items() if not torch.isfinite(v.detach()).all()]
-    if not bad:
-        raise FloatingPointError(
-            f"A distillation loss is not finite at iteration {it} on another process (rank "
-            f"{comm.get_rank()} is finite); see that process's message."
-        )
+def diagnose(inputs: DistillInputs) -> tuple[list[str], str]:
+    """Which taps are not finite, and the likely cause and fix, for an error message."""
     tensors = {
         "teacher FPN features": inputs.teacher_features,
         "teacher head outputs": list(inputs.teacher_logits) + list(inputs.teacher_deltas),
@@ -76,6 +58,39 @@ def check_finite(raw: dict[str, Tensor], inputs: DistillInputs, it: Optional[int
             hint = (f"the inputs are finite (largest |value|: {sizes}), so the term itself "
                     "overflowed: lower its weight (MODEL.DISTILL.*) and report it with this "
                     "message")
+    return nonfinite, hint
+
+
+def raise_if_inputs_not_finite(inputs: DistillInputs, it: Optional[int]) -> None:
+    """Raise the diagnosis as FloatingPointError when a tap is not finite (a distiller that
+    failed on such inputs, e.g. fvcore's GIoU on NaN boxes, then says why)."""
+    nonfinite, hint = diagnose(inputs)
+    if nonfinite:
+        raise FloatingPointError(f"A distiller failed at iteration {it} on non-finite inputs: "
+                                 f"{nonfinite}; {hint}.")
+
+
+def check_finite(raw: dict[str, Tensor], inputs: DistillInputs, it: Optional[int]) -> None:
+    """Raise FloatingPointError naming the non-finite distillation term(s) and likely cause.
+
+    With several processes the verdict is all-reduced, so every process stops at the same step
+    instead of the others waiting in the next collective until its timeout.
+    """
+    if not raw:
+        return
+    values = torch.stack([v.detach().float() for v in raw.values()])
+    flag = (~torch.isfinite(values)).any().float().reshape(1)
+    if comm.get_world_size() > 1:
+        torch.distributed.all_reduce(flag)
+    if float(flag.item()) == 0.0:
+        return
+    bad = [k for k, v in raw.items() if not torch.isfinite(v.detach()).all()]
+    if not bad:
+        raise FloatingPointError(
+            f"A distillation loss is not finite at iteration {it} on another process (rank "
+            f"{comm.get_rank()} is finite); see that process's message."
+        )
+    nonfinite, hint = diagnose(inputs)
     raise FloatingPointError(
         f"Distillation loss {bad} is not finite at iteration {it} "
         f"(values {[float(raw[k].detach()) for k in bad]}). Non-finite inputs: "

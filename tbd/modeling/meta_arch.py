@@ -37,7 +37,7 @@ from torch.profiler import record_function
 from ..config import resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
 from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
-from .guards import DistillDiagnostics, check_finite, current_iter
+from .guards import DistillDiagnostics, check_finite, current_iter, raise_if_inputs_not_finite
 from .taps import DenseTaps, HeadInternals, batch_taps, dense_taps
 from .teacher import (
     TeacherError,
@@ -239,8 +239,13 @@ class DistillMixin:
             losses = self.detection_losses(student, targets)
         inputs = self.make_distill_inputs(student, self.teacher_taps(images), targets,
                                           gt_instances)
-        raw, diag = self.distillation_terms(inputs, reserved=set(losses))
         it = current_iter()
+        try:
+            raw, diag = self.distillation_terms(inputs, reserved=set(losses))
+        except AssertionError:  # e.g. fvcore's GIoU on the NaN boxes of a diverged student
+            if self.check_finite:
+                raise_if_inputs_not_finite(inputs, it)
+            raise
         factor = self.distill_factor(it)
         if self.check_finite:
             check_finite(raw, inputs, it)

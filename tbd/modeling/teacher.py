@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.modeling.meta_arch import RetinaNet
@@ -27,6 +26,7 @@ from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from ..checkpoint.io import sha256_file
+from ..checkpoint.training import LoadReport, load_with_report
 from ..config import flatten
 from ..distillers.registry import (
     DENSE_TEACHER_HEAD,
@@ -62,40 +62,6 @@ def stock_meta_architecture(name: str) -> str:
     except KeyError:
         return name
     return getattr(cls, "stock_architecture", name)
-
-
-@dataclass
-class TeacherLoadReport:
-    """What a teacher checkpoint load did: keys the model lacked, extra keys, shape mismatches."""
-
-    weights: str
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing and not self.shape_mismatch
-
-    def summary(self) -> str:
-        lines = [f"Teacher load report for {self.weights}:"]
-        lines.append(f"  missing keys ({len(self.missing)}): {self.missing[:10]}")
-        lines.append(f"  unexpected keys ({len(self.unexpected)}): {self.unexpected[:10]}")
-        lines.append(
-            f"  shape mismatches ({len(self.shape_mismatch)}): "
-            + ", ".join(f"{k} ckpt{a} vs model{b}" for k, a, b in self.shape_mismatch[:10])
-        )
-        return "\n".join(lines)
-
-
-class _ReportingCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that keeps the incompatible-keys result instead of only logging it."""
-
-    incompatible = None
-
-    def _load_model(self, checkpoint):  # fvcore/detectron2 hook, stable since detectron2 v0.2
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
 
 
 def resolve_config_path(path: str) -> str:
@@ -160,23 +126,15 @@ def _weights_exist(path: str) -> bool:
     return "://" in path or os.path.isfile(path)
 
 
-def load_teacher_weights(model: nn.Module, weights: str) -> TeacherLoadReport:
+def load_teacher_weights(model: nn.Module, weights: str) -> LoadReport:
     """Load ``weights`` into ``model`` and report missing/unexpected/mismatched keys."""
-    ckpt = _ReportingCheckpointer(model)
     try:
-        ckpt.load(weights, checkpointables=[])
+        return load_with_report(model, weights)
     except Exception as e:
         raise TeacherError(
             f"MODEL.DISTILL.TEACHER.WEIGHTS={weights!r} could not be loaded ({type(e).__name__}: "
             f"{e}). Is the file complete and a Detectron2/PyTorch checkpoint?"
         ) from e
-    report = TeacherLoadReport(weights=weights)
-    inc = ckpt.incompatible
-    if inc is not None:
-        report.missing = sorted(inc.missing_keys)
-        report.unexpected = sorted(inc.unexpected_keys)
-        report.shape_mismatch = [(k, tuple(a), tuple(b)) for k, a, b in inc.incorrect_shapes]
-    return report
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -187,7 +145,7 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, TeacherLoadReport | None]:
+def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, LoadReport | None]:
     """Build the frozen teacher described by ``cfg.MODEL.DISTILL.TEACHER`` and load its weights.
 
     Raises TeacherError for a missing/unreadable config, missing/partial weights (unless
@@ -216,13 +174,13 @@ def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, TeacherLoadReport |
     report = None
     if t.WEIGHTS:
         report = load_teacher_weights(model, t.WEIGHTS)
-        logger.info(report.summary())
+        logger.info(report.summary("Teacher load report"))
         if not report.complete:
             raise TeacherError(
                 f"MODEL.DISTILL.TEACHER.WEIGHTS={t.WEIGHTS!r} did not load fully into the teacher "
                 f"built from {t.CONFIG!r}: {len(report.missing)} missing and "
                 f"{len(report.shape_mismatch)} shape-mismatched keys. Are the weights for this "
-                f"config?\n{report.summary()}"
+                f"config?\n{report.summary('Teacher load report')}"
             )
         if report.unexpected:
             logger.warning(

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-
 import tbd
 from tbd.analysis import analyze_harmony, build_analysis_loader
-from tbd.checkpoint import StudentCheckpointer
 from tbd.config import load_config
-from tbd.data import ensure_generated, is_shapes_dataset
+from tbd.data import add_dataset_arguments, ensure_generated, is_shapes_dataset, register_datasets
+from tbd.engine.defaults import build_eval_model
 
 
 def main(argv=None) -> int:
@@ -35,8 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--iou-thresh", type=float, default=0.5)
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--teacher", action="store_true", help="analyse the config's teacher")
+    add_dataset_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = p.parse_args(argv)
+    register_datasets(args)
 
     cfg = load_config(args.config_file, args.opts)
     if not args.teacher and not cfg.MODEL.WEIGHTS:
@@ -46,12 +45,8 @@ def main(argv=None) -> int:
             sys.exit("--teacher needs a DistillMetaArch config (MODEL.DISTILL.TEACHER.*).")
         model, tcfg, _ = tbd.build_teacher(cfg)
         cfg.INPUT.FORMAT = tcfg.INPUT.FORMAT
-    elif cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
-        model = build_model(tbd.student_config(cfg))
-        StudentCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    else:
-        model = build_model(cfg)
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:  # the student or a stock model, its weights checked key by key
+        model = build_eval_model(cfg)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
     if is_shapes_dataset(dataset):
         ensure_generated(dataset)

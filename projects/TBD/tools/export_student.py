@@ -59,8 +59,10 @@ def run_metadata(cfg, checkpoint: Path) -> dict:
         ap = meta["bbox"].get("AP")
         meta["AP"] = None if ap is None or ap != ap else ap
     try:
+        # the project's commit, also when the tool runs outside the repository
         meta["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                        text=True, check=True).stdout.strip()
+                                        text=True, check=True,
+                                        cwd=Path(tbd.__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         meta["commit"] = None
     return meta

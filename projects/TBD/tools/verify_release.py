@@ -30,11 +30,20 @@ def main(argv=None) -> int:
     p.add_argument("release", help="model_final_<sha8>.pth (metadata and config beside it)")
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument("--output", default=None, help="evaluator output folder")
-    args = p.parse_args(argv)
-
+    p.add_argument("--dataset", default=None, help="registered dataset (default: the release "
+                   "config's first DATASETS.TEST)")
     import tbd  # noqa: F401  (registers the synthetic datasets only; the model is stock)
     from tbd.checkpoint import ReleaseError, verify_release_file
-    from tbd.data import ensure_generated, is_shapes_dataset
+    from tbd.data import (
+        add_dataset_arguments,
+        ensure_generated,
+        is_shapes_dataset,
+        register_datasets,
+    )
+
+    add_dataset_arguments(p)
+    args = p.parse_args(argv)
+    register_datasets(args)
 
     path = Path(args.release)
     try:
@@ -49,7 +58,12 @@ def main(argv=None) -> int:
         cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(path))
-    dataset = cfg.DATASETS.TEST[0]
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    from detectron2.data import DatasetCatalog
+
+    if dataset is None or dataset not in DatasetCatalog.list():
+        sys.exit(f"dataset {dataset!r} is not registered: register the release's test set with "
+                 "--register-coco NAME JSON IMAGE_ROOT or --dataset-module (and --dataset NAME).")
     if is_shapes_dataset(dataset):
         ensure_generated(dataset)
     evaluator = COCOEvaluator(dataset, output_dir=args.output)

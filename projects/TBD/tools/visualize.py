@@ -26,7 +26,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 
 from tbd.analysis import build_analysis_loader
 from tbd.config import load_config
-from tbd.data import ensure_generated, is_shapes_dataset
+from tbd.data import add_dataset_arguments, ensure_generated, is_shapes_dataset, register_datasets
 from tbd.distillers.hd import compute_harmony
 from tbd.distillers.tfd import TFD
 from tbd.modeling import dense_taps
@@ -50,8 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None, help="default: first of DATASETS.TEST")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--score-thresh", type=float, default=0.3)
+    add_dataset_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    register_datasets(args)
 
     import matplotlib
 
