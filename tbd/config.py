@@ -8,7 +8,17 @@ reconstruction of the paper (only its abstract is public): docs/METHOD.md.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config key has a value that cannot work; the message names the key and what to do."""
 
 
 def add_tbd_config(cfg: CN) -> None:
@@ -43,6 +53,12 @@ def add_tbd_config(cfg: CN) -> None:
     # on --resume, which continues from the checkpoint.
     _C.MODEL.DISTILL.INHERIT = False
 
+    # How many periodic training checkpoints to keep (each holds the student, the adapters and
+    # the optimizer's momentum, about twice the trained weights); 0 keeps all, as Detectron2.
+    # model_final.pth is always kept; after --resume the count restarts. Not a stock key:
+    # releases drop it.
+    _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
+
     _C.MODEL.DISTILL.TEACHER = CN()
     # Teacher config: a yaml path (relative to the working directory) or a Detectron2 model-zoo
     # name such as "COCO-Detection/retinanet_R_101_FPN_3x.yaml". Required.
@@ -58,8 +74,31 @@ def add_tbd_config(cfg: CN) -> None:
         distiller.add_config(_C)
 
 
+# The repository root (an editable install): the shipped configs name teacher paths relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_teacher_paths(cfg: CN, config_file: str) -> None:
+    """Relative MODEL.DISTILL.TEACHER.CONFIG / WEIGHTS that do not exist from the working
+    directory are looked up beside the config file, then in the repository root, so that the
+    shipped configs work from anywhere; a model-zoo name or URL is left as it is."""
+    if "DISTILL" not in cfg.MODEL:
+        return
+    t = cfg.MODEL.DISTILL.TEACHER
+    for key in ("CONFIG", "WEIGHTS"):
+        path = t[key]
+        if not path or "://" in path or os.path.isabs(path) or os.path.exists(path):
+            continue
+        for base in (Path(config_file).resolve().parent, REPO_ROOT):
+            if (base / path).exists():
+                t[key] = str(base / path)
+                logger.info("MODEL.DISTILL.TEACHER.%s=%r: using %s", key, path, t[key])
+                break
+
+
 def load_config(config_file: str, opts: list | None = None, cpu_fallback: bool = True) -> CN:
-    """get_cfg() + add_tbd_config + a yaml + overrides; ``cuda`` falls back to cpu if absent.
+    """get_cfg() + add_tbd_config + a yaml + overrides, teacher paths resolved
+    (``resolve_teacher_paths``); ``cuda`` falls back to cpu if absent.
 
     Detectron2's default MODEL.DEVICE is "cuda"; the fallback lets the CPU-first configs and tools
     run anywhere (a warning is logged by callers that care).
@@ -71,6 +110,7 @@ def load_config(config_file: str, opts: list | None = None, cpu_fallback: bool =
     add_tbd_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
+    resolve_teacher_paths(cfg, config_file)
     if cpu_fallback and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     return cfg
@@ -78,16 +118,16 @@ def load_config(config_file: str, opts: list | None = None, cpu_fallback: bool =
 
 def validate_distill_config(cfg: CN) -> None:
     """Check the ``MODEL.DISTILL`` keys (shared ones here, each registered distiller's own in its
-    ``validate_config``); raise ValueError naming the bad key."""
+    ``validate_config``); raise ConfigError naming the bad key."""
     from .distillers import registered_distillers
 
     d = cfg.MODEL.DISTILL
     if d.STOP_ITER >= 0 and d.STOP_ITER <= d.START_ITER:
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.DISTILL.STOP_ITER ({d.STOP_ITER}) must be -1 or > START_ITER ({d.START_ITER})."
         )
     if d.START_ITER < 0:
-        raise ValueError(f"MODEL.DISTILL.START_ITER must be >= 0, got {d.START_ITER}.")
+        raise ConfigError(f"MODEL.DISTILL.START_ITER must be >= 0, got {d.START_ITER}.")
     for distiller in registered_distillers().values():
         distiller.validate_config(cfg)
 
@@ -99,9 +139,9 @@ def resolve_warmup_iters(cfg: CN) -> int:
 
 
 def student_config(cfg: CN) -> CN:
-    """A stock-Detectron2 config of the student (e.g. RetinaNet for DistillMetaArch), without
-    ``MODEL.DISTILL`` keys: stock ``get_cfg()`` rejects unknown keys, so a released student config
-    must not carry them."""
+    """A stock-Detectron2 config of the student (e.g. RetinaNet for DistillMetaArch), without the
+    project's keys (``MODEL.DISTILL``, ``SOLVER.CHECKPOINT_MAX_TO_KEEP``): stock ``get_cfg()``
+    rejects unknown keys, so a released student config must not carry them."""
     from .modeling.teacher import stock_meta_architecture
 
     out = cfg.clone()
@@ -109,6 +149,8 @@ def student_config(cfg: CN) -> CN:
     out.MODEL.META_ARCHITECTURE = stock_meta_architecture(out.MODEL.META_ARCHITECTURE)
     if "DISTILL" in out.MODEL:
         del out.MODEL["DISTILL"]
+    if "CHECKPOINT_MAX_TO_KEEP" in out.SOLVER:
+        del out.SOLVER["CHECKPOINT_MAX_TO_KEEP"]
     return out
 
 

@@ -146,3 +146,35 @@ def test_release_metadata_is_strict_json(tmp_path):
     meta = json.loads(final.with_suffix(".json").read_text(),
                       parse_constant=lambda c: pytest.fail(f"bare {c} in the json"))
     assert meta["AP"] is None and meta["metrics"] == {"APl": None, "AP": 1.5}
+
+
+def test_input_errors_end_with_their_message_alone():
+    from tbd.engine.defaults import input_errors_reported
+    from tbd.modeling import TeacherError
+
+    args = argument_parser().parse_args(["--config-file", "x.yaml"])
+    with pytest.raises(SystemExit) as err, input_errors_reported(args):
+        raise TeacherError("MODEL.DISTILL.TEACHER.WEIGHTS='t.pth': file not found.")
+    assert str(err.value) == "TeacherError: MODEL.DISTILL.TEACHER.WEIGHTS='t.pth': file not found."
+    args = argument_parser().parse_args(["--config-file", "x.yaml", "--traceback"])
+    with pytest.raises(TeacherError), input_errors_reported(args):
+        raise TeacherError("shown with its traceback")
+    with pytest.raises(KeyError), input_errors_reported(args):  # not an input error: as it is
+        raise KeyError("a bug")
+
+
+def test_checkpoint_retention_keeps_the_newest(tmp_path, tiny_datasets):
+    from .conftest import tiny_retinanet_cfg
+
+    cfg = tiny_retinanet_cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (tiny_datasets[0],), ()
+    cfg.SOLVER.MAX_ITER, cfg.SOLVER.CHECKPOINT_PERIOD = 5, 1
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 2
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    run_main(argument_parser().parse_args(["--config-file", write_cfg(cfg, tmp_path / "c.yaml")]))
+    kept = sorted(p.name for p in (tmp_path / "out").glob("model_*.pth"))
+    assert kept == ["model_0000003.pth", "model_0000004.pth", "model_final.pth"], kept
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = -1
+    with pytest.raises(SystemExit, match="SOLVER.CHECKPOINT_MAX_TO_KEEP"):
+        run_main(argument_parser().parse_args(["--config-file",
+                                               write_cfg(cfg, tmp_path / "d.yaml")]))

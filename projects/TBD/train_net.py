@@ -20,6 +20,7 @@ import sys
 
 import tbd  # noqa: F401  (registers DistillMetaArch, the distillers and the synthetic datasets)
 from tbd.engine import DistillTrainer, argument_parser, evaluate, launch, setup_config, train
+from tbd.engine.defaults import input_errors_reported
 
 Trainer = DistillTrainer  # the name Detectron2 projects use
 
@@ -30,10 +31,11 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        return evaluate(cfg, args, Trainer)
-    return train(cfg, args, Trainer)
+    with input_errors_reported(args):  # the message alone (--traceback: the traceback too)
+        cfg = setup(args)
+        if args.eval_only:
+            return evaluate(cfg, args, Trainer)
+        return train(cfg, args, Trainer)
 
 
 def invoke_main() -> None:

@@ -17,6 +17,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .primitives import giou_loss_per_box, reduce_mean
 from .registry import (
     DENSE_TEACHER_HEAD,
@@ -84,7 +85,7 @@ class CrossKD(Distiller):
         check_weights(cfg, ["MODEL.DISTILL.CROSSKD.CLS_WEIGHT", "MODEL.DISTILL.CROSSKD.REG_WEIGHT",
                             "MODEL.DISTILL.CROSSKD.BETA"])
         if not isinstance(d.TEACHER_INDEX, int) or d.TEACHER_INDEX < 0:
-            raise ValueError("MODEL.DISTILL.CROSSKD.TEACHER_INDEX must be an integer >= 0 (at "
+            raise ConfigError("MODEL.DISTILL.CROSSKD.TEACHER_INDEX must be an integer >= 0 (at "
                              f"most the teacher's MODEL.RETINANET.NUM_CONVS), got "
                              f"{d.TEACHER_INDEX!r}.")
 
@@ -118,7 +119,7 @@ class CrossKD(Distiller):
 
         t_depth = head_depth(teacher_head)
         if self.teacher_index > t_depth:
-            raise ValueError(f"MODEL.DISTILL.CROSSKD.TEACHER_INDEX={self.teacher_index} exceeds "
+            raise ConfigError(f"MODEL.DISTILL.CROSSKD.TEACHER_INDEX={self.teacher_index} exceeds "
                              f"the teacher head's {t_depth} convs per subnet.")
         return student_index(head_depth(student_head), t_depth, self.teacher_index), \
             self.teacher_index

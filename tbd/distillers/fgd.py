@@ -16,6 +16,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .primitives import build_adapters
 from .registry import (
     DISTILL_LOSS_REGISTRY,
@@ -120,7 +121,7 @@ class FGD(Distiller):
             "ALPHA_FG", "BETA_BG", "GAMMA_ATTN", "LAMBDA_GLOBAL")])
         t = cfg.MODEL.DISTILL.FGD.TEMPERATURE
         if not t > 0:
-            raise ValueError(f"MODEL.DISTILL.FGD.TEMPERATURE must be > 0, got {t}.")
+            raise ConfigError(f"MODEL.DISTILL.FGD.TEMPERATURE must be > 0, got {t}.")
 
     @configurable
     def __init__(

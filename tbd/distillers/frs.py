@@ -14,6 +14,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .primitives import build_adapters, masked_feature_loss, max_score_mask, reduce_mean
 from .registry import (
     DENSE_TEACHER_HEAD,
@@ -51,7 +52,7 @@ class FRS(Distiller):
         check_weights(cfg, ["MODEL.DISTILL.FRS.FEAT_WEIGHT", "MODEL.DISTILL.FRS.CLS_WEIGHT"])
         k = cfg.MODEL.DISTILL.FRS.ADAPTER_KERNEL
         if k not in (1, 3):
-            raise ValueError(f"MODEL.DISTILL.FRS.ADAPTER_KERNEL must be 1 or 3, got {k}.")
+            raise ConfigError(f"MODEL.DISTILL.FRS.ADAPTER_KERNEL must be 1 or 3, got {k}.")
 
     @configurable
     def __init__(self, *, adapters: nn.ModuleDict, feat_weight: float = 0.005,

@@ -14,6 +14,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .primitives import build_adapters
 from .registry import (
     DISTILL_LOSS_REGISTRY,
@@ -66,7 +67,7 @@ class MGD(Distiller):
         check_weights(cfg, ["MODEL.DISTILL.MGD.ALPHA"])
         lam = cfg.MODEL.DISTILL.MGD.LAMBDA
         if not 0.0 <= lam < 1.0:
-            raise ValueError(f"MODEL.DISTILL.MGD.LAMBDA must be in [0, 1), got {lam}.")
+            raise ConfigError(f"MODEL.DISTILL.MGD.LAMBDA must be in [0, 1), got {lam}.")
 
     @configurable
     def __init__(self, *, align: nn.ModuleDict, generators: nn.ModuleDict, alpha: float = 2e-5,

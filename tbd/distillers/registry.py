@@ -23,6 +23,8 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
+from ..config import ConfigError
+
 DISTILL_LOSS_REGISTRY = Registry("DISTILL_LOSS")
 DISTILL_LOSS_REGISTRY.__doc__ = """
 Registry for distillers: ``Distiller`` subclasses built as ``cls(cfg, student_shapes,
@@ -66,7 +68,7 @@ def check_weights(cfg: CfgNode, keys: Iterable[str]) -> None:
             value = value[part]
         if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or \
                 math.isinf(value):
-            raise ValueError(f"{key} must be a finite number >= 0, got {value!r}.")
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}.")
 
 
 def check_choice(cfg: CfgNode, key: str, choices: Iterable) -> None:
@@ -76,7 +78,7 @@ def check_choice(cfg: CfgNode, key: str, choices: Iterable) -> None:
         value = value[part]
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"{key}={value!r} is unknown; use one of {choices}.")
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {choices}.")
 
 
 class Distiller(nn.Module):

@@ -11,6 +11,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .primitives import (
     build_adapters,
     masked_feature_loss,
@@ -64,9 +65,9 @@ class TFD(Distiller):
         check_weights(cfg, ["MODEL.DISTILL.TFD.WEIGHT"])
         check_choice(cfg, "MODEL.DISTILL.TFD.BALANCE_MODE", BALANCE_MODES)
         if not 0.0 <= d.GAMMA <= 1.0:
-            raise ValueError(f"MODEL.DISTILL.TFD.GAMMA must be in [0, 1], got {d.GAMMA}.")
+            raise ConfigError(f"MODEL.DISTILL.TFD.GAMMA must be in [0, 1], got {d.GAMMA}.")
         if d.ADAPTER_KERNEL not in (1, 3):
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.DISTILL.TFD.ADAPTER_KERNEL must be 1 or 3, got {d.ADAPTER_KERNEL}.")
 
     @configurable

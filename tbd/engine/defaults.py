@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import detectron2.utils.comm as comm
 import torch
@@ -28,18 +27,15 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import TrainingCheckpointer, atomic_write_text, is_complete_checkpoint
 from ..checkpoint.io import json_safe
-from ..checkpoint.training import load_with_report
-from ..config import load_config, student_config
+from ..checkpoint.training import CheckpointError, load_with_report
+from ..config import ConfigError, load_config, student_config
 from ..data import add_dataset_arguments, load_train_dicts, register_datasets
-from ..data.loader import check_test_sets
-from ..modeling.teacher import check_resume_teacher, stock_meta_architecture
+from ..data.loader import DataError, check_test_sets
+from ..modeling.teacher import TeacherError, check_resume_teacher, stock_meta_architecture
 from .launch import BACKENDS
 from .trainer import DistillTrainer
 
 logger = logging.getLogger(__name__)
-
-# The repository root (an editable install): shipped configs name teacher paths relative to it.
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def argument_parser():
@@ -51,7 +47,28 @@ def argument_parser():
         help="auto: nccl with CUDA, else gloo. With gloo, --num-gpus is the number of CPU "
         "processes per machine (set MODEL.DEVICE cpu).",
     )
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the full traceback of an input error (the teacher, the data, "
+                        "a config key, a checkpoint), not only its message")
     return add_dataset_arguments(parser)
+
+
+# The project's own input errors: their messages say which key or file and what to do, so the
+# user sees the message alone (the traceback goes to the log when there is one, or with
+# --traceback to the console).
+INPUT_ERRORS = (TeacherError, DataError, ConfigError, CheckpointError)
+
+
+@contextlib.contextmanager
+def input_errors_reported(args):
+    """Turn the project's input errors into a clean exit with their message (see INPUT_ERRORS)."""
+    try:
+        yield
+    except INPUT_ERRORS as e:
+        if getattr(args, "traceback", False):
+            raise
+        logger.debug("Input error", exc_info=True)  # in OUTPUT_DIR's log.txt once it exists
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
 
 
 def check_inputs(cfg: CfgNode) -> None:
@@ -80,25 +97,13 @@ def check_inputs(cfg: CfgNode) -> None:
         value = cfg.SOLVER[key]
         if not isinstance(value, int) or value < 1:
             raise SystemExit(f"SOLVER.{key}={value!r}: must be a whole number >= 1.")
+    keep = cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+    if not isinstance(keep, int) or keep < 0:
+        raise SystemExit(f"SOLVER.CHECKPOINT_MAX_TO_KEEP={keep!r}: must be 0 (keep all) or a "
+                         "whole number >= 1.")
     if cfg.SOLVER.IMS_PER_BATCH % comm.get_world_size():
         raise SystemExit(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is the total over "
                          f"{comm.get_world_size()} processes and must divide by their number.")
-
-
-def resolve_teacher_paths(cfg: CfgNode, config_file: str) -> None:
-    """Relative MODEL.DISTILL.TEACHER.CONFIG / WEIGHTS that do not exist from the working
-    directory are looked up beside the config file, then in the repository root, so that the
-    shipped configs work from anywhere; a model-zoo name or URL is left as it is."""
-    t = cfg.MODEL.DISTILL.TEACHER
-    for key in ("CONFIG", "WEIGHTS"):
-        path = t[key]
-        if not path or "://" in path or os.path.isabs(path) or os.path.exists(path):
-            continue
-        for base in (Path(config_file).resolve().parent, REPO_ROOT):
-            if (base / path).exists():
-                t[key] = str(base / path)
-                logger.info("MODEL.DISTILL.TEACHER.%s=%r: using %s", key, path, t[key])
-                break
 
 
 def setup_config(args) -> CfgNode:
@@ -108,7 +113,6 @@ def setup_config(args) -> CfgNode:
     if not args.config_file or not os.path.isfile(args.config_file):
         raise SystemExit(f"--config-file {args.config_file!r}: file not found (cwd {os.getcwd()}).")
     cfg = load_config(args.config_file, args.opts, cpu_fallback=False)
-    resolve_teacher_paths(cfg, args.config_file)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         # Convenience for the CPU-first configs: Detectron2's default device is "cuda".
         logger.warning("MODEL.DEVICE=%s but CUDA is unavailable: using cpu.", cfg.MODEL.DEVICE)

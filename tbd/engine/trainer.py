@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -171,6 +171,10 @@ class DistillTrainer(DefaultTrainer):
 
     def build_hooks(self) -> list:
         ret = super().build_hooks()
+        keep = self.cfg.SOLVER.get("CHECKPOINT_MAX_TO_KEEP", 0)
+        for h in ret:  # Detectron2 builds it without fvcore's max_to_keep
+            if isinstance(h, hooks.PeriodicCheckpointer) and keep:
+                h.max_to_keep = keep
         # Before the PeriodicWriter (last on the main process), so its values are written at once.
         ret.insert(len(ret) - 1 if comm.is_main_process() else len(ret), MemoryMonitor(20))
         return ret

@@ -34,7 +34,7 @@ from detectron2.utils import comm
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from ..config import resolve_warmup_iters, validate_distill_config
+from ..config import ConfigError, resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
 from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
 from .guards import DistillDiagnostics, check_finite, current_iter, raise_if_inputs_not_finite
@@ -130,7 +130,7 @@ class DistillMixin:
             return None
         indices = {n: d.head_indices(self.head, self.teacher.head) for n, d in users.items()}
         if len(set(indices.values())) > 1:
-            raise ValueError(f"Distillers {sorted(users)} read the heads at other depths "
+            raise ConfigError(f"Distillers {sorted(users)} read the heads at other depths "
                              f"{indices}: use one of them at a time.")
         ks, kt = next(iter(indices.values()))
         return HeadInternals(self.head, ks).attach(), HeadInternals(self.teacher.head, kt).attach(
@@ -148,7 +148,7 @@ class DistillMixin:
         names = list(cfg.MODEL.DISTILL.LOSSES)
         unknown = [n for n in names if n not in DISTILL_LOSS_REGISTRY]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"MODEL.DISTILL.LOSSES has unknown entries {unknown}; registered: "
                 f"{sorted(k for k, _ in DISTILL_LOSS_REGISTRY)}."
             )
