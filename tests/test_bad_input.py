@@ -180,6 +180,17 @@ def test_bad_input_named_and_nothing_written(case, tmp_path, tiny_datasets):
     assert not (tmp_path / "out").exists()
 
 
+def test_nan_boxes_are_counted_as_dropped():
+    nan = float("nan")
+    rec = {"height": 10, "width": 20, "annotations": [
+        {"bbox": [2, 2, 5, 5], "bbox_mode": BoxMode.XYWH_ABS},
+        {"bbox": [nan, 2, 5, 5], "bbox_mode": BoxMode.XYWH_ABS},
+        {"bbox": [1, 1, float("inf"), 5], "bbox_mode": BoxMode.XYXY_ABS},
+    ]}
+    st = box_stats([rec])
+    assert (st.annotations, st.dropped, st.nonfinite, st.valid) == (3, 2, 2, 1)
+
+
 def test_box_stats_clipping_and_dropping():
     rec = {"height": 10, "width": 20, "annotations": [
         {"bbox": [2, 2, 5, 5], "bbox_mode": BoxMode.XYWH_ABS},  # inside

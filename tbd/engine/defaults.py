@@ -141,8 +141,8 @@ class _Buffer(logging.Handler):
 
 @contextlib.contextmanager
 def held_logs(names=("tbd", "detectron2", "fvcore")):
-    """Hold log records while nothing may be written yet (see ``replay``); on an error, print
-    them to stderr with the error."""
+    """Hold log records while nothing may be written yet (see ``replay``); on an error, print the
+    held warnings to stderr before the error (the info records would bury its message)."""
     buf = _Buffer()
     saved = []
     for name in names:
@@ -156,7 +156,7 @@ def held_logs(names=("tbd", "detectron2", "fvcore")):
         err = logging.StreamHandler(sys.stderr)
         err.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
         for r in buf.records:
-            if r.levelno >= logging.INFO:
+            if r.levelno >= logging.WARNING:
                 err.handle(r)
         raise
     finally:
