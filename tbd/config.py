@@ -128,6 +128,11 @@ def validate_distill_config(cfg: CN) -> None:
         )
     if d.START_ITER < 0:
         raise ConfigError(f"MODEL.DISTILL.START_ITER must be >= 0, got {d.START_ITER}.")
+    if d.WARMUP_ITERS < -1:
+        raise ConfigError(f"MODEL.DISTILL.WARMUP_ITERS must be -1 (automatic) or >= 0, got "
+                          f"{d.WARMUP_ITERS}.")
+    if d.LOG_PERIOD < 0:
+        raise ConfigError(f"MODEL.DISTILL.LOG_PERIOD must be >= 0 (0: off), got {d.LOG_PERIOD}.")
     for distiller in registered_distillers().values():
         distiller.validate_config(cfg)
 

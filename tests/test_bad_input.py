@@ -157,6 +157,10 @@ CASES = {
     "test_set_empty": (_test_set_empty, "'tbd_test_val_empty' has no images"),
     "all_boxes_nan": (_all_boxes_nan, "no valid box"),
     "image_file_missing": (_image_missing, "no_such_image.png (missing)"),
+    "warmup_below_minus_one": (
+        lambda c, t, d: setattr(c.MODEL.DISTILL, "WARMUP_ITERS", -5), "MODEL.DISTILL.WARMUP_ITERS"),
+    "log_period_negative": (
+        lambda c, t, d: setattr(c.MODEL.DISTILL, "LOG_PERIOD", -1), "MODEL.DISTILL.LOG_PERIOD"),
     "checkpoint_period_zero": (
         lambda c, t, d: setattr(c.SOLVER, "CHECKPOINT_PERIOD", 0), "SOLVER.CHECKPOINT_PERIOD"),
     "max_iter_zero": (lambda c, t, d: setattr(c.SOLVER, "MAX_ITER", 0), "SOLVER.MAX_ITER"),

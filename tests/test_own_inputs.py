@@ -118,6 +118,18 @@ def test_analysis_tool_sees_a_dataset_given_on_its_command_line(tmp_path, tiny_d
     assert json.loads((out / "harmony.json").read_text())["num_predictions"] >= 0
 
 
+def test_analysis_tool_refuses_weights_that_do_not_fit(tmp_path, tiny_datasets):
+    from tbd_tools import analyze_harmony
+
+    _, teacher_weights, _ = make_teacher(tmp_path)
+    cfg = tiny_distill_cfg(tmp_path, teacher_weights=teacher_weights)
+    cfg.DATASETS.TEST = (tiny_datasets[1],)
+    with pytest.raises(SystemExit, match="does not fit the RetinaNet"):
+        analyze_harmony.main(["--config-file", write_cfg(cfg, tmp_path / "a.yaml"),
+                              "--output", str(tmp_path / "h"), "MODEL.WEIGHTS", teacher_weights])
+    assert not (tmp_path / "h").exists()
+
+
 def test_teacher_paths_resolve_beside_the_config_file(tmp_path, monkeypatch):
     c, w, _ = make_teacher(tmp_path)
     cfg = tiny_distill_cfg(tmp_path, teacher_weights=w)
