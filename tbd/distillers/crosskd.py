@@ -86,8 +86,8 @@ class CrossKD(Distiller):
                             "MODEL.DISTILL.CROSSKD.BETA"])
         if not isinstance(d.TEACHER_INDEX, int) or d.TEACHER_INDEX < 0:
             raise ConfigError("MODEL.DISTILL.CROSSKD.TEACHER_INDEX must be an integer >= 0 (at "
-                             f"most the teacher's MODEL.RETINANET.NUM_CONVS), got "
-                             f"{d.TEACHER_INDEX!r}.")
+                              "most the teacher's MODEL.RETINANET.NUM_CONVS), got "
+                              f"{d.TEACHER_INDEX!r}.")
 
     @configurable
     def __init__(self, *, adapters: nn.ModuleDict, teacher_index: int = 3,
@@ -120,7 +120,7 @@ class CrossKD(Distiller):
         t_depth = head_depth(teacher_head)
         if self.teacher_index > t_depth:
             raise ConfigError(f"MODEL.DISTILL.CROSSKD.TEACHER_INDEX={self.teacher_index} exceeds "
-                             f"the teacher head's {t_depth} convs per subnet.")
+                              f"the teacher head's {t_depth} convs per subnet.")
         return student_index(head_depth(student_head), t_depth, self.teacher_index), \
             self.teacher_index
 

@@ -131,7 +131,7 @@ class DistillMixin:
         indices = {n: d.head_indices(self.head, self.teacher.head) for n, d in users.items()}
         if len(set(indices.values())) > 1:
             raise ConfigError(f"Distillers {sorted(users)} read the heads at other depths "
-                             f"{indices}: use one of them at a time.")
+                              f"{indices}: use one of them at a time.")
         ks, kt = next(iter(indices.values()))
         return HeadInternals(self.head, ks).attach(), HeadInternals(self.teacher.head, kt).attach(
             always=True)
