@@ -1,6 +1,6 @@
 """Shared building blocks of the distillers: adapters, normalisers, masks and losses.
 
-TBD, FRS and FGD all build on these, so none of them copies another.
+The distillers build on these, so none of them copies another.
 """
 
 from __future__ import annotations
