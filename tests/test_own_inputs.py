@@ -190,3 +190,24 @@ def test_checkpoint_retention_keeps_the_newest(tmp_path, tiny_datasets):
     with pytest.raises(SystemExit, match="SOLVER.CHECKPOINT_MAX_TO_KEEP"):
         run_main(argument_parser().parse_args(["--config-file",
                                                write_cfg(cfg, tmp_path / "d.yaml")]))
+
+
+def test_a_term_that_trains_nothing_or_drowns_the_detection_loss_is_named(tmp_path, caplog):
+    """Warned once at the end of the warm-up: HD on batches without boxes is 0 throughout; TFD
+    with a huge weight is far above the detection loss. The warnings name the keys."""
+    import logging
+
+    cfg = tiny_distill_cfg(tmp_path, losses=["HD", "TFD"])
+    cfg.MODEL.DISTILL.WARMUP_ITERS = 2
+    cfg.MODEL.DISTILL.TFD.WEIGHT = 1e3
+    model = build_model(cfg).train()
+    with caplog.at_level(logging.WARNING, logger="tbd"):
+        for it in range(3):
+            with EventStorage(it):
+                model(make_batch(2, empty=(0, 1)))
+    text = caplog.text
+    assert "loss_hd_cls was 0 at each of the first 2 steps" in text
+    assert "Check MODEL.DISTILL.HD.CLS_WEIGHT" in text
+    assert "loss_tfd stayed above 100 times the detection loss" in text
+    assert "Lower MODEL.DISTILL.TFD.WEIGHT" in text
+    assert text.count("loss_hd_cls was 0") == 1  # once

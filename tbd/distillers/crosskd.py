@@ -62,6 +62,8 @@ class CrossKD(Distiller):
     """Cross-head knowledge distillation for RetinaNet-style heads."""
 
     needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD, HEAD_INTERNALS})
+    loss_keys = {"loss_crosskd_cls": "MODEL.DISTILL.CROSSKD.CLS_WEIGHT",
+                 "loss_crosskd_reg": "MODEL.DISTILL.CROSSKD.REG_WEIGHT"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

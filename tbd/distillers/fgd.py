@@ -98,6 +98,10 @@ class FGD(Distiller):
     """Focal and global distillation on every FPN level the head uses (paired features only)."""
 
     needs: frozenset[str] = frozenset()
+    loss_keys = {"loss_fgd_fg": "MODEL.DISTILL.FGD.ALPHA_FG",
+                 "loss_fgd_bg": "MODEL.DISTILL.FGD.BETA_BG",
+                 "loss_fgd_attn": "MODEL.DISTILL.FGD.GAMMA_ATTN",
+                 "loss_fgd_global": "MODEL.DISTILL.FGD.LAMBDA_GLOBAL"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

@@ -34,6 +34,8 @@ class FRS(Distiller):
 
     # The classification term compares [N, A*K, H, W] logits element by element.
     needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD})
+    loss_keys = {"loss_frs_feat": "MODEL.DISTILL.FRS.FEAT_WEIGHT",
+                 "loss_frs_cls": "MODEL.DISTILL.FRS.CLS_WEIGHT"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

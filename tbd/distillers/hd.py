@@ -49,6 +49,8 @@ class HD(Distiller):
     """
 
     needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD, GT_MATCHES})
+    loss_keys = {"loss_hd_cls": "MODEL.DISTILL.HD.CLS_WEIGHT",
+                 "loss_hd_reg": "MODEL.DISTILL.HD.REG_WEIGHT"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

@@ -49,6 +49,7 @@ class MGD(Distiller):
     """
 
     needs: frozenset[str] = frozenset()  # paired FPN features only
+    loss_keys = {"loss_mgd": "MODEL.DISTILL.MGD.ALPHA"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

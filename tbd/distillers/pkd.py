@@ -45,6 +45,7 @@ class PKD(Distiller):
     """Pearson-correlation feature imitation on every FPN level the head uses."""
 
     needs: frozenset[str] = frozenset()  # paired FPN features only
+    loss_keys = {"loss_pkd": "MODEL.DISTILL.PKD.WEIGHT"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

@@ -92,6 +92,8 @@ class Distiller(nn.Module):
     """
 
     needs: frozenset[str] = frozenset()
+    # loss key it returns -> the config key that weights it (named by the guards' warnings)
+    loss_keys: dict[str, str] = {}
 
     @classmethod
     def add_config(cls, cfg: CfgNode) -> None:

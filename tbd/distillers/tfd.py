@@ -44,6 +44,7 @@ class TFD(Distiller):
     """
 
     needs = frozenset({SAME_ANCHORS, DENSE_TEACHER_HEAD})
+    loss_keys = {"loss_tfd": "MODEL.DISTILL.TFD.WEIGHT"}
 
     @classmethod
     def add_config(cls, cfg: CN) -> None:

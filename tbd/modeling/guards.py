@@ -129,3 +129,72 @@ class DistillDiagnostics:
                 storage.put_scalar(f"distill/{k}", m, smoothing_hint=False)
             storage.put_scalar("distill/factor", factor, smoothing_hint=False)
             self._buffer.clear()
+
+
+class TermWatch:
+    """Says when distillation is not really on: warns once, naming the term and the key to
+    change, when a term is 0 at every one of the first ``window`` steps (no foreground anchor, no
+    box, a weight of 0), or stays below 1% or above 100 times the detection loss; and checks at
+    the first step that every process computes the same terms. Its values stay on the device
+    until the window ends (one host copy then)."""
+
+    LOW, HIGH = 0.01, 100.0
+
+    def __init__(self, window: int, keys: dict[str, str]):
+        self.window = window
+        self.keys = keys  # loss key -> the config key that weights it
+        self.steps = 0
+        self._stats: Optional[Tensor] = None  # [3, T]: max |value|, min and max ratio
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.window
+
+    def update(self, raw: dict[str, Tensor], detection: Tensor) -> None:
+        if self.done or not raw:
+            return
+        if self.steps == 0:
+            self._check_processes(sorted(raw))
+        values = torch.stack([v.detach().float() for v in raw.values()])
+        ratio = values.abs() / detection.detach().float().abs().clamp_min(1e-12)
+        now = torch.stack([values.abs(), ratio, ratio])
+        if self._stats is None:
+            self._stats = now
+        else:
+            self._stats = torch.stack([torch.maximum(self._stats[0], now[0]),
+                                       torch.minimum(self._stats[1], now[1]),
+                                       torch.maximum(self._stats[2], now[2])])
+        self.steps += 1
+        if self.done:
+            self._report(list(raw))
+
+    def _report(self, names: list[str]) -> None:
+        largest, low, high = self._stats.tolist()
+        for name, m, lo, hi in zip(names, largest, low, high):
+            key = self.keys.get(name, "its MODEL.DISTILL weight")
+            if m == 0:
+                logger.warning(
+                    "Distillation term %s was 0 at each of the first %d steps: it trains nothing "
+                    "(no foreground anchor or GT box in the batches, or a weight of 0?). Check %s, "
+                    "the anchors (MODEL.ANCHOR_GENERATOR) and the annotations.",
+                    name, self.steps, key)
+            elif hi < self.LOW:
+                logger.warning(
+                    "Distillation term %s stayed below %.0f%% of the detection loss over the first "
+                    "%d steps (at most %.2g times it): it barely trains. Raise %s.",
+                    name, 100 * self.LOW, self.steps, hi, key)
+            elif lo > self.HIGH:
+                logger.warning(
+                    "Distillation term %s stayed above %.0f times the detection loss over the "
+                    "first %d steps (at least %.3g times it): it drowns the detection loss. Lower "
+                    "%s.", name, self.HIGH, self.steps, lo, key)
+
+    @staticmethod
+    def _check_processes(names: list[str]) -> None:
+        if comm.get_world_size() == 1:
+            return
+        everyone = comm.all_gather(names)
+        if any(n != names for n in everyone):
+            raise RuntimeError("The processes compute different distillation terms "
+                               f"(per rank: {everyone}): check that every process was started "
+                               "with the same config (MODEL.DISTILL.LOSSES).")

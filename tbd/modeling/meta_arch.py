@@ -37,7 +37,13 @@ from torch.profiler import record_function
 from ..config import ConfigError, resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
 from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
-from .guards import DistillDiagnostics, check_finite, current_iter, raise_if_inputs_not_finite
+from .guards import (
+    DistillDiagnostics,
+    TermWatch,
+    check_finite,
+    current_iter,
+    raise_if_inputs_not_finite,
+)
 from .taps import DenseTaps, HeadInternals, batch_taps, dense_taps
 from .teacher import (
     TeacherError,
@@ -118,6 +124,10 @@ class DistillMixin:
         self.check_finite = check_finite
         self.teacher_fingerprint = teacher_fingerprint
         self.diagnostics = DistillDiagnostics(log_period)
+        # Watch the terms through the warm-up (the first 100 steps without one).
+        keys = {k: v for d in self.distillers.values()
+                for k, v in getattr(d, "loss_keys", {}).items()}
+        self.term_watch = TermWatch(warmup_iters if warmup_iters > 0 else 100, keys)
         if teacher is None and len(self.distillers):
             raise TeacherError("Distillers were given without a teacher.")
         self._internals = self._record_head_internals()
@@ -249,6 +259,8 @@ class DistillMixin:
         factor = self.distill_factor(it)
         if self.check_finite:
             check_finite(raw, inputs, it)
+        if it is not None:  # in a trainer
+            self.term_watch.update(raw, sum(losses.values()))
         # Always multiply, never skip: every adapter takes part in every step (DDP-safe).
         losses.update({k: v * factor for k, v in raw.items()})
         self.diagnostics.record(it, raw, diag, factor)
