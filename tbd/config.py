@@ -170,6 +170,12 @@ def flatten(node: CN, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def changed_keys(cfg: CN, defaults: CN) -> dict[str, object]:
+    """Dotted key -> value of the leaves of ``cfg`` that ``defaults`` lacks or has otherwise."""
+    base = flatten(defaults)
+    return {k: v for k, v in sorted(flatten(cfg).items()) if k not in base or base[k] != v}
+
+
 def portable_dump(cfg: CN) -> str:
     """``cfg`` as yaml with only the keys whose value differs from stock Detectron2's defaults
     (plus ``VERSION``), so that Detectron2 versions with other sets of keys read it.
@@ -181,11 +187,8 @@ def portable_dump(cfg: CN) -> str:
     import yaml
     from detectron2.config import get_cfg
 
-    defaults = flatten(get_cfg())
     nested: dict = {}
-    for key, value in flatten(cfg).items():
-        if key != "VERSION" and key in defaults and defaults[key] == value:
-            continue
+    for key, value in {**changed_keys(cfg, get_cfg()), "VERSION": cfg.VERSION}.items():
         *parents, leaf = key.split(".")
         node = nested
         for part in parents:

@@ -170,6 +170,7 @@ def _thing_classes(name: str) -> Optional[list]:
 def check_classes(cfg: CfgNode, dicts_by_name: dict[str, list[dict]]) -> None:
     """Refuse training sets whose classes disagree with each other, with the test sets, or with
     the head's class count (the extra classes would silently train as background)."""
+    from ..distillers.registry import config_value
     from ..modeling.teacher import stock_meta_architecture
 
     known = {n: c for n in dicts_by_name if (c := _thing_classes(n)) is not None}
@@ -182,10 +183,7 @@ def check_classes(cfg: CfgNode, dicts_by_name: dict[str, list[dict]]) -> None:
                 "refuses this too). Register them with the same classes in the same order.")
     key = NUM_CLASSES_KEYS.get(stock_meta_architecture(cfg.MODEL.META_ARCHITECTURE))
     if key is not None:
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        num_classes = int(node)
+        num_classes = int(config_value(cfg, key))
         ids = [a["category_id"] for d in dicts_by_name.values() for rec in d
                for a in rec.get("annotations", [])]
         largest = max(ids, default=-1)

@@ -18,7 +18,7 @@ from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from .primitives import giou_loss_per_box, reduce_mean
+from .primitives import giou_loss_per_box, reduce_mean, standardise_channels
 from .registry import (
     DENSE_TEACHER_HEAD,
     DISTILL_LOSS_REGISTRY,
@@ -32,15 +32,14 @@ from .registry import (
 )
 
 
-def match_statistics(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
+def match_statistics(student: Tensor, teacher: Tensor) -> Tensor:
     """``student`` standardised per channel over (N, H, W), then given the teacher's per-channel
     mean and (unbiased) std: the official ``align_scale``."""
-    n, c, h, w = student.shape
-    s = student.transpose(0, 1).reshape(c, -1)
+    c = teacher.shape[1]
     t = teacher.detach().transpose(0, 1).reshape(c, -1)
-    s = (s - s.mean(dim=1, keepdim=True)) / (s.std(dim=1, keepdim=True) + eps)
-    s = s * t.std(dim=1, keepdim=True) + t.mean(dim=1, keepdim=True)
-    return s.reshape(c, n, h, w).transpose(0, 1)
+    mean = t.mean(dim=1).view(1, c, 1, 1)
+    std = t.std(dim=1).view(1, c, 1, 1)
+    return standardise_channels(student) * std + mean
 
 
 def quality_focal_kd(logits: Tensor, teacher_probs: Tensor, beta: float = 1.0) -> Tensor:

@@ -17,7 +17,7 @@ from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from .primitives import build_adapters
+from .primitives import build_adapters, differing_levels
 from .registry import (
     DISTILL_LOSS_REGISTRY,
     Distiller,
@@ -155,7 +155,7 @@ class FGD(Distiller):
                     teacher_shapes: dict[str, ShapeSpec]):
         d = cfg.MODEL.DISTILL.FGD
         names = list(student_shapes)
-        differ = [n for n in names if student_shapes[n].channels != teacher_shapes[n].channels]
+        differ = differing_levels(student_shapes, teacher_shapes)
         return {
             "align": build_adapters(differ, student_shapes, teacher_shapes, kernel_size=1),
             "student_blocks": nn.ModuleDict(

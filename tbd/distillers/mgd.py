@@ -15,7 +15,7 @@ from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from .primitives import build_adapters
+from .primitives import build_adapters, differing_levels
 from .registry import (
     DISTILL_LOSS_REGISTRY,
     Distiller,
@@ -85,8 +85,7 @@ class MGD(Distiller):
     def from_config(cls, cfg, student_shapes: dict[str, ShapeSpec],
                     teacher_shapes: dict[str, ShapeSpec]):
         d = cfg.MODEL.DISTILL.MGD
-        differ = [n for n in student_shapes
-                  if student_shapes[n].channels != teacher_shapes[n].channels]
+        differ = differing_levels(student_shapes, teacher_shapes)
         seed = d.SEED if d.SEED >= 0 else max(cfg.SEED, 0)
         return {
             "align": build_adapters(differ, student_shapes, teacher_shapes),

@@ -15,7 +15,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
-from .primitives import build_adapters
+from .primitives import build_adapters, differing_levels, standardise_channels
 from .registry import (
     DISTILL_LOSS_REGISTRY,
     Distiller,
@@ -23,14 +23,6 @@ from .registry import (
     check_weights,
     register_method,
 )
-
-
-def standardise_channels(feat: Tensor, eps: float = 1e-6) -> Tensor:
-    """[N, C, H, W] minus each channel's mean over (N, H, W), over (its unbiased std + eps)."""
-    n, c, h, w = feat.shape
-    flat = feat.transpose(0, 1).reshape(c, -1)
-    flat = (flat - flat.mean(dim=1, keepdim=True)) / (flat.std(dim=1, keepdim=True) + eps)
-    return flat.reshape(c, n, h, w).transpose(0, 1)
 
 
 def pearson_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -69,8 +61,7 @@ class PKD(Distiller):
     def from_config(cls, cfg, student_shapes: dict[str, ShapeSpec],
                     teacher_shapes: dict[str, ShapeSpec]):
         # The official code has equal widths; a 1x1 adapter where they differ is ours.
-        differ = [n for n in student_shapes
-                  if student_shapes[n].channels != teacher_shapes[n].channels]
+        differ = differing_levels(student_shapes, teacher_shapes)
         return {"adapters": build_adapters(differ, student_shapes, teacher_shapes),
                 "weight": cfg.MODEL.DISTILL.PKD.WEIGHT}
 

@@ -40,6 +40,20 @@ def build_adapters(
     return adapters
 
 
+def differing_levels(student_shapes: dict[str, ShapeSpec],
+                     teacher_shapes: dict[str, ShapeSpec]) -> list[str]:
+    """The paired levels whose channel counts differ (they need an adapter)."""
+    return [n for n in student_shapes if student_shapes[n].channels != teacher_shapes[n].channels]
+
+
+def standardise_channels(feat: Tensor, eps: float = 1e-6) -> Tensor:
+    """[N, C, H, W] minus each channel's mean over (N, H, W), over (its unbiased std + eps)."""
+    n, c, h, w = feat.shape
+    flat = feat.transpose(0, 1).reshape(c, -1)
+    flat = (flat - flat.mean(dim=1, keepdim=True)) / (flat.std(dim=1, keepdim=True) + eps)
+    return flat.reshape(c, n, h, w).transpose(0, 1)
+
+
 def max_score_mask(logits: Tensor) -> Tensor:
     """FRS's feature-richness mask: max over the A*K channels of sigmoid(logits), [N, H, W]."""
     return logits.detach().float().sigmoid().amax(dim=1)

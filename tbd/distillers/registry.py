@@ -60,22 +60,25 @@ def register_method(name: str, losses: Iterable[str]) -> None:
     METHODS[name] = tuple(losses)
 
 
+def config_value(cfg: CfgNode, key: str):
+    """The value of the dotted ``key`` (e.g. "MODEL.DISTILL.HD.CLS_WEIGHT") in ``cfg``."""
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
 def check_weights(cfg: CfgNode, keys: Iterable[str]) -> None:
-    """Raise ValueError unless every dotted ``keys`` entry of ``cfg`` is a finite number >= 0."""
+    """Raise ConfigError unless every dotted ``keys`` entry of ``cfg`` is a finite number >= 0."""
     for key in keys:
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, (int, float)) or math.isnan(value) or value < 0 or \
-                math.isinf(value):
+        value = config_value(cfg, key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}.")
 
 
 def check_choice(cfg: CfgNode, key: str, choices: Iterable) -> None:
-    """Raise ValueError unless the dotted ``key`` of ``cfg`` is one of ``choices``."""
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
+    """Raise ConfigError unless the dotted ``key`` of ``cfg`` is one of ``choices``."""
+    value = config_value(cfg, key)
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is unknown; use one of {choices}.")

@@ -210,6 +210,10 @@ class DistillMixin:
         if self._internals is not None:  # a new step: forget what an interrupted one recorded
             for recorder in self._internals:
                 recorder.take()
+        return self._paired(images, batched_inputs)
+
+    def _paired(self, images: ImageList, batched_inputs: list[dict]) -> PairedImages:
+        """``images`` with the same batch in the teacher's own preprocessing."""
         return PairedImages(images, teacher_images(self.teacher, batched_inputs, images,
                                                    self.input_format, self.teacher_input_format))
 
@@ -319,9 +323,7 @@ class DistillMixin:
         student = batch_taps(self, batched_inputs)
         images = student.images
         if not isinstance(images, PairedImages):  # eval mode: preprocess_image did not pair
-            images = PairedImages(images, teacher_images(
-                self.teacher, batched_inputs, images, self.input_format,
-                self.teacher_input_format))
+            images = self._paired(images, batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
         targets = self.detection_targets(student.features, gt_instances, True)
         return self.make_distill_inputs(student, self.teacher_taps(images), targets, gt_instances)

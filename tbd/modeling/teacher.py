@@ -27,7 +27,7 @@ from torch import nn
 
 from ..checkpoint.io import sha256_file
 from ..checkpoint.training import LoadReport, load_with_report
-from ..config import flatten
+from ..config import changed_keys
 from ..distillers.registry import (
     DENSE_TEACHER_HEAD,
     NEEDS,
@@ -100,12 +100,9 @@ def resolve_config_path(path: str) -> str:
 
 def load_teacher_config(cfg: CfgNode) -> CfgNode:
     """The teacher's own config: its yaml, then TEACHER.OPTS; device follows the student's."""
-    from ..config import add_tbd_config
-
     t = cfg.MODEL.DISTILL.TEACHER
     path = resolve_config_path(t.CONFIG)
-    tcfg = get_cfg()
-    add_tbd_config(tcfg)  # so that a TBD config (e.g. a distilled student) can be a teacher
+    tcfg = _default_config()  # with the project's keys: a distilled student can be a teacher
     try:
         tcfg.merge_from_file(path)
         tcfg.merge_from_list(list(t.OPTS))
@@ -202,6 +199,7 @@ FINGERPRINT_VERSION = 2
 
 
 def _default_config() -> CfgNode:
+    """Detectron2's defaults with the project's keys."""
     from ..config import add_tbd_config
 
     c = get_cfg()
@@ -211,10 +209,8 @@ def _default_config() -> CfgNode:
 
 def output_keys(c: CfgNode) -> dict[str, object]:
     """The model and input keys of ``c`` that differ from Detectron2's defaults (dotted names)."""
-    defaults = flatten(_default_config())
-    return {k: v for k, v in sorted(flatten(c).items())
-            if k.startswith(_FINGERPRINT_SECTIONS) and not k.startswith(_FINGERPRINT_IGNORED)
-            and (k not in defaults or defaults[k] != v)}
+    return {k: v for k, v in changed_keys(c, _default_config()).items()
+            if k.startswith(_FINGERPRINT_SECTIONS) and not k.startswith(_FINGERPRINT_IGNORED)}
 
 
 def _digest(obj) -> str:
