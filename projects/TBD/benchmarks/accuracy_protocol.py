@@ -15,8 +15,8 @@ METHODS = {  # method -> (config, extra overrides)
     "hd": (f"{SHAPES}/hd_only_{PAIR}.yaml", []),
     "tfd": (f"{SHAPES}/tfd_only_{PAIR}.yaml", []),
 }
-# Trained to convergence (9000 iterations, 40.9 AP): benchmarks/README.md. The R34-FPN128 teacher
-# (3000 iterations, 4.8 AP) that the cpu profile used first was undertrained.
+# The teacher every profile distils: trained once, to convergence (benchmarks/README.md, "The
+# teacher").
 TEACHER = f"{SHAPES}/retinanet_R18_FPN256_teacher.yaml"
 PROFILES = {
     # iterations per student run, main-row seeds, ablation seeds, datasets, teacher config
