@@ -15,6 +15,7 @@ setup(
     packages=find_packages(include=["tbd", "tbd.*"]) + ["tbd_benchmarks", "tbd_tools"],
     package_dir={"tbd_benchmarks": "projects/TBD/benchmarks", "tbd_tools": "projects/TBD/tools"},
     python_requires=">=3.9",
-    install_requires=["torch", "torchvision", "fvcore", "pycocotools", "opencv-python-headless"],
+    install_requires=["torch", "torchvision", "fvcore", "pycocotools", "opencv-python-headless",
+                      "tqdm"],
     extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
 )

@@ -33,7 +33,7 @@ if ! "$VPY" -c "import torch, torchvision" 2>/dev/null; then
   "${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
 fi
 
-if ! "$VPY" -c "import fvcore, iopath, pycocotools, cv2, matplotlib, scipy" 2>/dev/null; then
+if ! "$VPY" -c "import fvcore, iopath, pycocotools, cv2, matplotlib, scipy, tqdm" 2>/dev/null; then
   log "installing detectron2 runtime dependencies"
   "${PIP[@]}" install "setuptools>=77.0.3,<82" "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" \
     pycocotools opencv-python-headless matplotlib scipy tqdm tabulate tensorboard

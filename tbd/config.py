@@ -59,6 +59,18 @@ def add_tbd_config(cfg: CN) -> None:
     # releases drop it.
     _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 
+    _C.MODEL.DISTILL.AUTO_WEIGHT = CN()
+    # Automatic loss weights [ours] (tbd/modeling/auto_weight.py): measure, over the first ITERS
+    # iterations from START_ITER, each distiller's weighted total against the detection loss,
+    # then scale all its terms by one factor so that the ratio becomes TARGET.<name>. The scales
+    # are logged, checkpointed (--resume keeps them) and reported at the end of training.
+    _C.MODEL.DISTILL.AUTO_WEIGHT.ENABLED = False
+    # Measured iterations (with the configured weights); the scales apply from START_ITER + ITERS.
+    _C.MODEL.DISTILL.AUTO_WEIGHT.ITERS = 100
+    # Target ratio (distiller total / detection loss) per registered distiller, e.g.
+    # MODEL.DISTILL.AUTO_WEIGHT.TARGET.HD 0.5 [ours: 1.0 for every distiller].
+    _C.MODEL.DISTILL.AUTO_WEIGHT.TARGET = CN()
+
     _C.MODEL.DISTILL.TEACHER = CN()
     # Teacher config: a yaml path (relative to the working directory) or a Detectron2 model-zoo
     # name such as "COCO-Detection/retinanet_R_101_FPN_3x.yaml". Required.
@@ -69,9 +81,22 @@ def add_tbd_config(cfg: CN) -> None:
     _C.MODEL.DISTILL.TEACHER.OPTS = []
     # Allow a teacher with random weights (no WEIGHTS). For tests and debugging only.
     _C.MODEL.DISTILL.TEACHER.ALLOW_RANDOM_INIT = False
+    # Evaluate the teacher on the first EVAL_MAX_IMAGES images of DATASETS.TEST[0] before
+    # training (also on --resume), as it sees them during distillation (the student's input in
+    # its own format), and refuse to train, writing nothing, when its bbox AP is below
+    # EVAL_MIN_AP: the sign of unloaded weights, a wrong class mapping or input format. Skipped,
+    # with the reason logged, when DATASETS.TEST is empty or the teacher is random
+    # (ALLOW_RANDOM_INIT without WEIGHTS).
+    _C.MODEL.DISTILL.TEACHER.EVAL_BEFORE_TRAIN = True
+    # Images the check evaluates (the first ones of the test set); 0: all of them.
+    _C.MODEL.DISTILL.TEACHER.EVAL_MAX_IMAGES = 200
+    # The lowest bbox AP (COCO AP in percent, 0-100) the check accepts [ours: 5, far below a
+    # working teacher's AP and far above the 0-1 AP of an unloaded or mis-mapped one].
+    _C.MODEL.DISTILL.TEACHER.EVAL_MIN_AP = 5.0
 
-    for distiller in registered_distillers().values():
+    for name, distiller in registered_distillers().items():
         distiller.add_config(_C)
+        _C.MODEL.DISTILL.AUTO_WEIGHT.TARGET[name] = 1.0
 
 
 # The repository root (an editable install): the shipped configs name teacher paths relative to it.
@@ -133,6 +158,28 @@ def validate_distill_config(cfg: CN) -> None:
                           f"{d.WARMUP_ITERS}.")
     if d.LOG_PERIOD < 0:
         raise ConfigError(f"MODEL.DISTILL.LOG_PERIOD must be >= 0 (0: off), got {d.LOG_PERIOD}.")
+    auto = d.AUTO_WEIGHT
+    if auto.ENABLED:
+        if not isinstance(auto.ITERS, int) or auto.ITERS < 1:
+            raise ConfigError(f"MODEL.DISTILL.AUTO_WEIGHT.ITERS must be a whole number >= 1, got "
+                              f"{auto.ITERS!r}.")
+        if d.START_ITER + auto.ITERS >= cfg.SOLVER.MAX_ITER:
+            raise ConfigError(
+                f"MODEL.DISTILL.AUTO_WEIGHT.ITERS ({auto.ITERS}) from START_ITER ({d.START_ITER}) "
+                f"reaches SOLVER.MAX_ITER ({cfg.SOLVER.MAX_ITER}): the scales would never be used. "
+                "Lower ITERS.")
+        for name in d.LOSSES:
+            target = auto.TARGET.get(name)
+            if not isinstance(target, (int, float)) or not target > 0 or target == float("inf"):
+                raise ConfigError(f"MODEL.DISTILL.AUTO_WEIGHT.TARGET.{name} must be a finite "
+                                  f"number > 0, got {target!r}.")
+    t = d.TEACHER
+    if not isinstance(t.EVAL_MAX_IMAGES, int) or t.EVAL_MAX_IMAGES < 0:
+        raise ConfigError(f"MODEL.DISTILL.TEACHER.EVAL_MAX_IMAGES must be 0 (all) or a whole "
+                          f"number >= 1, got {t.EVAL_MAX_IMAGES!r}.")
+    if not isinstance(t.EVAL_MIN_AP, (int, float)) or not 0 <= t.EVAL_MIN_AP <= 100:
+        raise ConfigError(f"MODEL.DISTILL.TEACHER.EVAL_MIN_AP is a COCO AP in percent (0-100), "
+                          f"got {t.EVAL_MIN_AP!r}.")
     for distiller in registered_distillers().values():
         distiller.validate_config(cfg)
 

@@ -71,6 +71,9 @@ def tiny_distill_cfg(tmp_path: Path, losses=("HD", "TFD"), teacher_weights: str 
     student.MODEL.DISTILL.TEACHER.CONFIG = write_cfg(teacher_cfg, tmp_path / "teacher.yaml")
     student.MODEL.DISTILL.TEACHER.WEIGHTS = teacher_weights
     student.MODEL.DISTILL.TEACHER.ALLOW_RANDOM_INIT = not teacher_weights
+    # Tiny teachers are untrained (AP 0): the check before training would refuse them.
+    # tests/test_teacher_check.py tests the check itself.
+    student.MODEL.DISTILL.TEACHER.EVAL_BEFORE_TRAIN = False
     student.MODEL.DISTILL.WARMUP_ITERS = 0
     return student
 

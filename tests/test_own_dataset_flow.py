@@ -46,9 +46,12 @@ def test_own_dataset_flow_from_outside_the_repository(tmp_path, tiny_datasets, m
     student.MODEL.DISTILL.WARMUP_ITERS = 0
     student.MODEL.DISTILL.TEACHER.CONFIG = "teacher.yaml"  # found beside this config
     student.MODEL.DISTILL.TEACHER.WEIGHTS = "teacher/model_final.pth"  # from the working dir
+    student.MODEL.DISTILL.TEACHER.EVAL_MIN_AP = 0.0  # a 10-iteration teacher: checked, not refused
     cfg = str(write_cfg(student, work / "configs" / "student.yaml"))
     run_main(argument_parser().parse_args(["--config-file", cfg, *reg]))
     final = "student/model_final.pth"
+    check = json.loads((work / "student" / "teacher_check.json").read_text())
+    assert check["dataset"] == "own_val" and check["images"] > 0 and "AP" in check["bbox"]
 
     res = run_main(argument_parser().parse_args(
         ["--config-file", cfg, *reg, "--eval-only", "MODEL.WEIGHTS", final,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,6 +122,10 @@ def _train_cfg(tmp_path, tiny_datasets, teacher, out, name=None):
     cfg = tiny_distill_cfg(tmp_path, teacher_weights=weights)
     cfg.MODEL.DISTILL.TEACHER.CONFIG = cfg_path
     cfg.MODEL.DISTILL.TFD.WEIGHT = 1e-3
+    # Automatic weights measured over iterations 0-3: the kill (saving iteration 3) and the
+    # resume (from iteration 2) fall inside the window, so their running sums must resume too.
+    cfg.MODEL.DISTILL.AUTO_WEIGHT.ENABLED = True
+    cfg.MODEL.DISTILL.AUTO_WEIGHT.ITERS = 4
     cfg.INPUT.MIN_SIZE_TRAIN = (RESUME_SIZE,)
     cfg.INPUT.MAX_SIZE_TRAIN = RESUME_SIZE
     cfg.DATASETS.TRAIN = (tiny_datasets[0],)
@@ -148,7 +153,8 @@ def _weights(path):
 
 def test_sigkill_while_saving_then_resume_is_bitwise_exact(tmp_path, resume_datasets):
     """Uninterrupted run A vs run B killed while writing its 2nd checkpoint (iteration 3), then
-    --resume: B continues from iteration 2 and ends with the same weights as A, bitwise."""
+    --resume: B continues from iteration 2 and ends with the same weights as A, bitwise,
+    including the automatic loss weights measured across the interruption."""
     tiny_datasets = resume_datasets
     ds = tiny_datasets[0]
     DatasetCatalog.get(ds)  # generated, json_file/image_root in its metadata
@@ -183,5 +189,7 @@ def test_sigkill_while_saving_then_resume_is_bitwise_exact(tmp_path, resume_data
     assert wa.keys() == wb.keys()
     diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not diff, diff[:5]
+    assert float(wb["distillers.TFD.auto_scale"]) != 1.0 and bool(wb["distillers.HD.auto_fixed"])
+    assert json.loads((b / "auto_weights.json").read_text())["fixed"] is True
     fp = torch.load(b / "model_final.pth", weights_only=False)["trainer"]["tbd"]["teacher"]
     assert len(fp["weights_sha256"]) == 64 and len(fp["config_sha256"]) == 64

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.structures import Boxes, pairwise_iou
+from tqdm import tqdm
 
 from ..distillers.quality import harmony_score
 from ..distillers.registry import DistillInputs
@@ -167,7 +168,9 @@ def analyze_harmony(model: RetinaNet, data_loader, output_dir: str | Path | None
     scores, ious, heat_inputs = [], [], []
     seen = 0
     try:
-        for batch in data_loader:
+        total = min(len(data_loader), max_images) if max_images else len(data_loader)
+        for batch in tqdm(data_loader, desc="Harmony analysis", unit="batch", total=total,
+                          disable=None):
             s, i = collect_score_iou(model, batch, iou_thresh)
             scores.append(s)
             ious.append(i)

@@ -33,7 +33,8 @@ from ..data import add_dataset_arguments, load_train_dicts, register_datasets
 from ..data.loader import DataError, check_test_sets
 from ..modeling.teacher import TeacherError, check_resume_teacher, stock_meta_architecture
 from .launch import BACKENDS
-from .trainer import DistillTrainer
+from .teacher_check import check_teacher
+from .trainer import DistillTrainer, rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,12 @@ def replay(buf: _Buffer) -> None:
 
 
 def prepare_training(cfg: CfgNode, args, trainer_cls=DistillTrainer):
-    """Build and check everything a training needs; write nothing. Returns (model, dicts).
+    """Build and check everything a training needs; write nothing. Returns (model, dicts); the
+    teacher check's result (or None) is kept as ``model.teacher_check``.
 
-    On ``--resume``, the newest checkpoint's teacher is compared with this one here, once.
+    On ``--resume``, the newest checkpoint's teacher is compared with this one here, once. The
+    teacher check (``tbd.engine.teacher_check``) runs on new and resumed runs alike: it costs an
+    evaluation of a few hundred images and catches a teacher file replaced between the runs.
     """
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())  # as default_setup
     dicts = load_train_dicts(cfg)
@@ -185,6 +189,11 @@ def prepare_training(cfg: CfgNode, args, trainer_cls=DistillTrainer):
         ckpt = TrainingCheckpointer(model, cfg.OUTPUT_DIR, save_to_disk=False)
         if ckpt.has_checkpoint():
             check_resume_teacher(ckpt.get_checkpoint_file(), model)
+    # The check's data loader draws from the global RNGs: restored, so that the training is the
+    # same with and without the check.
+    saved = rng_state()
+    model.teacher_check = check_teacher(cfg, model)
+    set_rng_state(saved)
     return model, dicts
 
 
@@ -250,6 +259,8 @@ def train(cfg: CfgNode, args, trainer_cls=DistillTrainer):
         model, dicts = prepare_training(cfg, args, trainer_cls)
     setup_outputs(cfg, args)
     replay(held)
+    if model.teacher_check is not None and comm.is_main_process():
+        write_results(model.teacher_check, os.path.join(cfg.OUTPUT_DIR, "teacher_check.json"))
     trainer = trainer_cls(cfg, model=model, train_dicts=dicts)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()

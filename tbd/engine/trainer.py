@@ -19,7 +19,9 @@ can build and check everything before it writes to the output folder.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import weakref
@@ -37,7 +39,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import TrainingCheckpointer, remove_stale_temporaries
+from ..checkpoint import TrainingCheckpointer, atomic_write_text, remove_stale_temporaries
 from ..data import ensure_generated, is_shapes_dataset
 from ..data.loader import ResumableTrainLoader, build_resumable_train_loader
 from ..modeling.teacher import inherit_from_teacher
@@ -144,9 +146,24 @@ class DistillTrainer(DefaultTrainer):
             inherit_from_teacher(self.student, teacher)
 
     def train(self):
-        """DefaultTrainer.train, without TorchScript graph optimisation (see ``exact_jit``)."""
+        """DefaultTrainer.train, without TorchScript graph optimisation (see ``exact_jit``);
+        the automatic loss weights, if on, are reported at the end (log and auto_weights.json)."""
         with exact_jit():
-            return super().train()
+            results = super().train()
+        auto = getattr(self.student, "auto_weight", None)
+        if auto is not None and comm.is_main_process():
+            logger.info("AUTO_WEIGHT at the end of training:\n%s", auto.report())
+            atomic_write_text(os.path.join(self.cfg.OUTPUT_DIR, "auto_weights.json"),
+                              json.dumps(auto.summary(), indent=2))
+        return results
+
+    def before_train(self):
+        super().before_train()
+        check = getattr(self.student, "teacher_check", None)
+        if check is not None:  # the check ran before the storage existed: recorded once here
+            bbox = {k: v for k, v in check["bbox"].items() if math.isfinite(v)}
+            self.storage.put_scalars(**{f"teacher_check/{k}": v for k, v in bbox.items()},
+                                     smoothing_hint=False)
 
     # ------------------------------------------------------------------------------- building
     @classmethod

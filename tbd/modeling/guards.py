@@ -140,9 +140,10 @@ class TermWatch:
 
     LOW, HIGH = 0.01, 100.0
 
-    def __init__(self, window: int, keys: dict[str, str]):
+    def __init__(self, window: int, keys: dict[str, str], ratios: bool = True):
         self.window = window
         self.keys = keys  # loss key -> the config key that weights it
+        self.ratios = ratios  # False: report only terms that stay 0
         self.steps = 0
         self._stats: Optional[Tensor] = None  # [3, T]: max |value|, min and max ratio
 
@@ -178,6 +179,8 @@ class TermWatch:
                     "(no foreground anchor or GT box in the batches, or a weight of 0?). Check %s, "
                     "the anchors (MODEL.ANCHOR_GENERATOR) and the annotations.",
                     name, self.steps, key)
+            elif not self.ratios:
+                continue
             elif hi < self.LOW:
                 logger.warning(
                     "Distillation term %s stayed below %.0f%% of the detection loss over the first "

@@ -37,6 +37,7 @@ from torch.profiler import record_function
 from ..config import ConfigError, resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
 from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
+from .auto_weight import AutoWeight
 from .guards import (
     DistillDiagnostics,
     TermWatch,
@@ -113,8 +114,13 @@ class DistillMixin:
         log_period: int = 20,
         check_finite: bool = True,
         teacher_fingerprint: Optional[dict] = None,
+        auto_weight: Optional[dict] = None,
     ) -> None:
-        """Attach the teacher and distillers (called by ``__init__`` after the stock one)."""
+        """Attach the teacher and distillers (called by ``__init__`` after the stock one).
+
+        ``auto_weight``: ``{"targets": {name: ratio}, "iters": n}`` turns on automatic loss
+        weights (:class:`tbd.modeling.auto_weight.AutoWeight`); None keeps the configured ones.
+        """
         self.distillers = nn.ModuleDict(distillers)
         self._teacher = TeacherHolder(freeze(teacher) if teacher is not None else None)
         self.teacher_input_format = teacher_input_format
@@ -127,7 +133,16 @@ class DistillMixin:
         # Watch the terms through the warm-up (the first 100 steps without one).
         keys = {k: v for d in self.distillers.values()
                 for k, v in getattr(d, "loss_keys", {}).items()}
-        self.term_watch = TermWatch(warmup_iters if warmup_iters > 0 else 100, keys)
+        # With automatic weights, the ratios during the warm-up are not the trained ones: only
+        # terms that stay 0 (which no scale can fix) are reported.
+        self.term_watch = TermWatch(warmup_iters if warmup_iters > 0 else 100, keys,
+                                    ratios=auto_weight is None)
+        self.auto_weight = None
+        if auto_weight is not None and len(self.distillers):
+            self.auto_weight = AutoWeight(
+                self.distillers, auto_weight["targets"], start_iter, auto_weight["iters"],
+                {n: sorted(set(getattr(d, "loss_keys", {}).values()))
+                 for n, d in self.distillers.items()})
         if teacher is None and len(self.distillers):
             raise TeacherError("Distillers were given without a teacher.")
         self._internals = self._record_head_internals()
@@ -168,6 +183,7 @@ class DistillMixin:
         teacher, tcfg, _ = build_teacher(cfg)
         classes = {n: DISTILL_LOSS_REGISTRY.get(n) for n in names}
         check_compatible(student, teacher, classes)
+        auto = cfg.MODEL.DISTILL.AUTO_WEIGHT
         s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
         levels = list(student.head_in_features)
         s_shapes = {n: s_shapes[n] for n in levels}
@@ -182,6 +198,8 @@ class DistillMixin:
             "log_period": cfg.MODEL.DISTILL.LOG_PERIOD,
             "check_finite": cfg.MODEL.DISTILL.CHECK_FINITE,
             "teacher_fingerprint": teacher_fingerprint(cfg),
+            "auto_weight": ({"targets": dict(auto.TARGET), "iters": auto.ITERS}
+                            if auto.ENABLED else None),
         }
 
     # ------------------------------------------------------------------------------- teacher
@@ -255,11 +273,14 @@ class DistillMixin:
                                           gt_instances)
         it = current_iter()
         try:
-            raw, diag = self.distillation_terms(inputs, reserved=set(losses))
+            terms, diag = self.distillation_terms(inputs, reserved=set(losses))
         except AssertionError:  # e.g. fvcore's GIoU on the NaN boxes of a diverged student
             if self.check_finite:
                 raise_if_inputs_not_finite(inputs, it)
             raise
+        if self.auto_weight is not None:
+            terms = self.auto_weight(terms, sum(losses.values()), it)
+        raw = {k: v for d_terms in terms.values() for k, v in d_terms.items()}
         factor = self.distill_factor(it)
         if self.check_finite:
             check_finite(raw, inputs, it)
@@ -271,11 +292,13 @@ class DistillMixin:
         return losses
 
     def distillation_terms(self, inputs: DistillInputs, reserved: set[str]
-                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Every distiller's weighted terms and diagnostics, computed in fp32 (also under AMP).
+                           ) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+        """Every distiller's weighted terms (distiller name -> loss key -> value) and the
+        diagnostics, computed in fp32 (also under AMP).
 
         ``reserved``: the detection loss keys, which no distiller may return.
         """
+        terms: dict[str, dict[str, Tensor]] = {}
         raw: dict[str, Tensor] = {}
         diag: dict[str, Tensor] = {}
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -287,8 +310,9 @@ class DistillMixin:
                 if overlap:
                     raise KeyError(f"Distiller {name} returned duplicate loss keys {overlap}.")
                 raw.update(d_losses)
+                terms[name] = d_losses
                 diag.update(d_diag)
-        return raw, diag
+        return terms, diag
 
     def make_distill_inputs(self, student: DenseTaps, teacher: DenseTaps,
                             targets: DetectionTargets, gt_instances: list[Instances]

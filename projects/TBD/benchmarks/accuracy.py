@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from tqdm import tqdm
+
 from tbd_benchmarks.accuracy_protocol import (
     MAIN_METHODS,
     METHODS,
@@ -235,7 +237,7 @@ def main(argv=None) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_student, specs[i], args, profile, runs): i for i in order}
         errors = []
-        for fut in as_completed(futures):
+        for fut in tqdm(as_completed(futures), desc="Runs", total=len(futures), disable=None):
             if fut.cancelled():  # not started: an earlier run failed
                 continue
             try:

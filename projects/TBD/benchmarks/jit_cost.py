@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from tbd_benchmarks.common import ROOT, write_results
 from tbd_benchmarks.speed import bootstrap_ratio
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     per_mode: dict[str, list[float]] = {m: [] for m in MODES}
     rng = random.Random(0)
     t0 = time.time()
-    for r in range(args.rounds):
+    for r in tqdm(range(args.rounds), desc="Rounds", disable=None):
         for mode in rng.sample(MODES, len(MODES)):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--steps", str(args.steps),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tbd.distillers import METHODS
 from tbd.modeling import dense_taps
@@ -335,7 +336,7 @@ def main(argv=None) -> None:
     times = {v: [] for v in variants}
     print(f"timing {variants} interleaved: {args.warmup} warm-up + {args.reps} rounds", flush=True)
     order_rng = np.random.default_rng(0)
-    for r in range(args.warmup + args.reps):
+    for r in tqdm(range(args.warmup + args.reps), desc="Timing rounds", disable=None):
         # a fresh (seeded) order every round: no variant always follows the same other one
         for v in order_rng.permutation(variants):
             t = runner.timed(v)

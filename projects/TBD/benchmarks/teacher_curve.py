@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from tbd_benchmarks.common import ROOT, eval_bbox, git_commit, log_beside, write_results
 
 METRICS = ["AP", "AP50", "AP75", "APs", "APm"]
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
         ckpts = checkpoints(run_dir)
         if not ckpts:
             sys.exit(f"--run-dir/--extra-dir {run!r}: no model_*.pth checkpoints found.")
-        for iters, weights in ckpts:
+        for iters, weights in tqdm(ckpts, desc=f"Checkpoints of {run}", disable=None):
             row = {"run": run, "iters": iters, "weights": weights.name,
                    **evaluate(run_dir, weights, args.dataset, ROOT / args.work_dir)}
             print(row, flush=True)

@@ -23,6 +23,7 @@ from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
+from tqdm import tqdm
 
 
 def main(argv=None) -> int:
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
     if is_shapes_dataset(dataset):
         ensure_generated(dataset)
     evaluator = COCOEvaluator(dataset, output_dir=args.output)
-    res = inference_on_dataset(model, build_detection_test_loader(cfg, dataset), evaluator)
+    loader = build_detection_test_loader(cfg, dataset)
+    res = inference_on_dataset(model, tqdm(loader, desc=f"Evaluating on {dataset}", unit="img",
+                                           disable=None), evaluator)
     ap = res["bbox"]["AP"]
     expected = meta.get("AP")
     print(json.dumps({"release": path.name, "sha256": sha, "AP": ap, "expected_AP": expected}))
