@@ -1,4 +1,5 @@
-"""Two gloo processes on CPU give the same losses as one process with the same total batch."""
+"""Two gloo processes on CPU give the same losses as one process with the same total batch, with
+automatic loss weights on."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def _cfg(tmp_path, tiny_datasets, teacher, out):
     cfg.MODEL.DISTILL.TEACHER.CONFIG = cfg_path
     cfg.MODEL.DISTILL.TFD.WEIGHT = 1e-3
     cfg.MODEL.DISTILL.FRS.FEAT_WEIGHT = 1e-3
+    # Automatic weights measured at iteration 0 and used from 1: the processes' measurements
+    # must give the single process's scales.
+    cfg.MODEL.DISTILL.AUTO_WEIGHT.ENABLED = True
+    cfg.MODEL.DISTILL.AUTO_WEIGHT.ITERS = 1
     # GroupNorm: per-image statistics, so the split of the batch over processes does not matter
     # (BN would differ, and SyncBatchNorm is GPU-only). GN needs channels divisible by 32.
     cfg.MODEL.RESNETS.NORM = "GN"

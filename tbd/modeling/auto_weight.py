@@ -14,8 +14,10 @@ target.
 
 The state (the running sums and the scales) lives in buffers of each distiller module
 (``distillers.<name>.auto_*``), so checkpoints hold it, ``--resume`` continues it exactly, and
-releases drop it with the rest of ``distillers.*``. With several processes, the ratios are
-averaged over processes before the scales are set, so every process uses the same scales.
+releases drop it with the rest of ``distillers.*``. With several processes, each measured step
+all-reduces the distillers' totals and the detection loss (one small all-reduce), so the ratio is
+the one a single process with the whole batch measures, and every process holds the same sums,
+checkpoints and scales.
 """
 
 from __future__ import annotations
@@ -78,10 +80,18 @@ class AutoWeight:
         if it is None or it < self.start_iter:
             return terms
         if it < self.end_iter:  # measuring: the running sums stay on the device
-            det = detection.detach().float().abs().clamp_min(1e-12)
-            for name, d_terms in terms.items():
-                total = sum(v.detach().float() for v in d_terms.values())
-                getattr(self.distillers[name], _SUM).add_(total / det)
+            names = list(terms)
+            values = torch.stack([sum(v.detach().float() for v in terms[n].values())
+                                  for n in names] + [detection.detach().float().abs()])
+            if comm.get_world_size() > 1:
+                # Each process's losses are its share of the total batch's (their mean is the
+                # loss of one process with the whole batch): the ratio of the means is that
+                # process's ratio, and every process keeps the same sums (and checkpoint).
+                torch.distributed.all_reduce(values)
+                values /= comm.get_world_size()
+            ratios = values[:-1] / values[-1].clamp_min(1e-12)
+            for name, ratio in zip(names, ratios):
+                getattr(self.distillers[name], _SUM).add_(ratio)
             return terms
         if not self.fixed():
             self._set_scales()
@@ -97,9 +107,6 @@ class AutoWeight:
     def _set_scales(self) -> None:
         names = list(self.distillers)
         sums = torch.stack([getattr(self.distillers[n], _SUM) for n in names])
-        if comm.get_world_size() > 1:
-            torch.distributed.all_reduce(sums)
-            sums /= comm.get_world_size()
         ratios = (sums / max(self.iters, 1)).tolist()
         for name, ratio in zip(names, ratios):
             d = self.distillers[name]
