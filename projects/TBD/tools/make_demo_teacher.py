@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Re-create the demo's teacher checkpoint (projects/TBD/demo_teacher/).
+
+    python projects/TBD/tools/make_demo_teacher.py   # trains: about 35 min on 2 idle CPU cores
+    python projects/TBD/tools/make_demo_teacher.py --skip-training --run-dir output/demo_teacher
+
+Trains ``configs/demo/retinanet_R50w16_FPN64_teacher.yaml`` with ``train_net.py`` (its own
+schedule, evaluated on ``tbd_demo_test`` every 1000 iterations for the record), then writes the
+model weights alone (no optimizer state) as ``model_final.pth``, its sha256 as ``SHA256``, and
+the run's evaluations as ``curve.json``. The demo refuses a file whose sha256 differs from
+``SHA256``: a re-created teacher replaces both. Training is seeded, but float rounding differs
+between machines and thread counts, so a teacher re-created elsewhere is an equivalent file, not
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIG = "projects/TBD/configs/demo/retinanet_R50w16_FPN64_teacher.yaml"
+TARGET = ROOT / "projects" / "TBD" / "demo_teacher"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run-dir", default="output/demo_teacher", help="training output folder")
+    p.add_argument("--skip-training", action="store_true",
+                   help="only write the checkpoint of an already finished --run-dir")
+    p.add_argument("--output", default=str(TARGET), help="where model_final.pth and SHA256 go")
+    args = p.parse_args(argv)
+    from tbd.checkpoint.io import atomic_torch_save, atomic_write_text, sha256_file
+
+    run = ROOT / args.run_dir
+    if not args.skip_training:
+        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", CONFIG,
+               "TEST.EVAL_PERIOD", "1000", "OUTPUT_DIR", str(run)]
+        print("$ " + " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    final = run / "model_final.pth"
+    if not final.is_file():
+        sys.exit(f"{final}: not found; train first (without --skip-training).")
+    state = torch.load(final, map_location="cpu", weights_only=False)["model"]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({"model": {k: v.contiguous() for k, v in state.items()}},
+                      str(out / "model_final.pth"))
+    sha = sha256_file(out / "model_final.pth")
+    atomic_write_text(str(out / "SHA256"), sha + "\n")
+    records = [json.loads(x) for x in (run / "metrics.json").read_text().splitlines() if x.strip()]
+    evals = [{"iteration": r["iteration"] + 1, **{k: r[k] for k in r if k.startswith("bbox/")}}
+             for r in records if "bbox/AP" in r]
+    atomic_write_text(str(out / "curve.json"),
+                      json.dumps({"config": CONFIG, "evaluations": evals}, indent=2))
+    size = (out / "model_final.pth").stat().st_size / 1e6
+    print(f"{out / 'model_final.pth'}: {size:.1f} MB, sha256 {sha}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
