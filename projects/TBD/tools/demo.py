@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Distillation demo on the synthetic shapes data (CPU, no downloads, about 12 minutes).
+"""Distillation demo on the synthetic shapes data (CPU, no downloads, about 11 minutes).
 
 Runs the commands a user runs, on the demo's easy task (64x64 images, ``tbd_demo_*``):
 
@@ -158,7 +158,7 @@ def plot(path: Path, rows: list[dict], shown: dict[str, list], classes: list[str
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--output", default="output/demo", help="output folder (relative to repo)")
-    ap.add_argument("--iters", type=int, default=1500, help="student iterations (each student)")
+    ap.add_argument("--iters", type=int, default=1000, help="student iterations (each student)")
     ap.add_argument("--teacher", default=str(TEACHER_DIR / "model_final.pth"),
                     help="teacher checkpoint (checked against the SHA256 file beside it)")
     ap.add_argument("--quick", action="store_true",
