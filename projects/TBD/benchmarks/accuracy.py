@@ -101,6 +101,8 @@ def train_student(spec: dict, args, profile: dict, runs: Path) -> dict:
                  "MODEL.DISTILL.TEACHER.WEIGHTS", args.teacher_weights]
         if spec["hs_form"]:
             opts += ["MODEL.DISTILL.HS.FORM", spec["hs_form"]]
+        if "teacher_min_ap" in profile:
+            opts += ["MODEL.DISTILL.TEACHER.EVAL_MIN_AP", str(profile["teacher_min_ap"])]
         opts += spec.get("opts", []) + args.opts
     if out.exists():  # an interrupted invocation's unfinished run: start it again, cleanly
         print(f"removing the unfinished run {out}", flush=True)
