@@ -25,13 +25,21 @@ def add_tbd_config(cfg: CN) -> None:
     """Add the ``MODEL.DISTILL`` keys (defaults are the method's defaults) to ``cfg`` in place:
     the shared keys below and those of every registered distiller."""
     from .distillers import registered_distillers
+    from .modeling.fcos import add_fcos_config
 
     _C = cfg
+    if "FCOS" not in _C.MODEL:
+        add_fcos_config(_C)
     _C.MODEL.DISTILL = CN()
     # Registered distillers (tbd.distillers.DISTILL_LOSS_REGISTRY) applied to the student, in
     # order. TBD is ["HD", "TFD"]; ["HD"] and ["TFD"] are its ablations; [] trains the student
     # alone.
     _C.MODEL.DISTILL.LOSSES = ["HD", "TFD"]
+    # The student's FPN levels whose features are distilled; [] means all the levels its head
+    # uses (MODEL.RETINANET.IN_FEATURES or MODEL.FCOS.IN_FEATURES). Each is paired with the
+    # teacher's level of the same stride. Set a subset when the teacher lacks a stride (a Faster
+    # R-CNN FPN has p2-p6, RetinaNet p3-p7): then only feature distillers (FGD, PKD, MGD) apply.
+    _C.MODEL.DISTILL.LEVELS = []
     # Iteration at which distillation starts (loss factor 0 before it).
     _C.MODEL.DISTILL.START_ITER = 0
     # Iteration at which distillation stops (factor 0 from it on); -1: never stop.
@@ -192,8 +200,10 @@ def resolve_warmup_iters(cfg: CN) -> int:
 
 def student_config(cfg: CN) -> CN:
     """A stock-Detectron2 config of the student (e.g. RetinaNet for DistillMetaArch), without the
-    project's keys (``MODEL.DISTILL``, ``SOLVER.CHECKPOINT_MAX_TO_KEEP``): stock ``get_cfg()``
-    rejects unknown keys, so a released student config must not carry them."""
+    project's keys (``MODEL.DISTILL``, ``SOLVER.CHECKPOINT_MAX_TO_KEEP``, and ``MODEL.FCOS``
+    unless the student is an FCOS): stock ``get_cfg()`` rejects unknown keys, so a released
+    student config must not carry them. (An FCOS release also needs its LazyConfig file: stock
+    Detectron2 builds FCOS only from one; ``tbd.checkpoint.release``.)"""
     from .modeling.teacher import stock_meta_architecture
 
     out = cfg.clone()
@@ -203,6 +213,8 @@ def student_config(cfg: CN) -> CN:
         del out.MODEL["DISTILL"]
     if "CHECKPOINT_MAX_TO_KEEP" in out.SOLVER:
         del out.SOLVER["CHECKPOINT_MAX_TO_KEEP"]
+    if out.MODEL.META_ARCHITECTURE != "FCOS" and "FCOS" in out.MODEL:
+        del out.MODEL["FCOS"]
     return out
 
 

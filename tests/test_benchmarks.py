@@ -449,3 +449,23 @@ def test_speed_writes_timings_before_the_memory_stage(tmp_path, monkeypatch):
     assert res["settings"]["memory"] == "pending"
     tbd = next(r for r in res["rows"] if r.get("method") == "tbd")
     assert tbd["step_over_floor"] == pytest.approx(1.5)  # 3 / (1 + 1)
+
+
+def test_fcos_indicative_statistics_by_hand():
+    """Paired differences 2, 3, 4: mean 3, sd 1, t(0.975, 2) = 4.3027 -> 3 +- 2.4841; 0 failures
+    of 3: Clopper-Pearson upper bound 1 - 0.025**(1/3) = 0.7076."""
+    from tbd_benchmarks import fcos_indicative as f
+
+    p = f.paired([3.0, 4.0, 5.0], [1.0, 1.0, 1.0])
+    assert p["mean"] == 3.0
+    assert p["ci95"] == pytest.approx([3 - 2.48414, 3 + 2.48414], abs=1e-4)
+    assert f.failure_interval(0, 3) == pytest.approx([0.0, 1 - 0.025 ** (1 / 3)], abs=1e-9)
+    rows = [{"method": m, "seed": s, "AP": ap, "status": "ok" if ap >= 1 else "failed"}
+            for m, aps in (("baseline", [2.0, 3.0, 0.5]), ("TBD", [5.0, 6.0, 4.0]),
+                           ("FGD", [3.0, 3.5, 2.0])) for s, ap in enumerate(aps)]
+    summary = f.summarise(rows, ["baseline", "TBD", "FGD"], [0, 1, 2])
+    base = summary["methods"]["baseline"]
+    assert base["failures"] == 1 and base["mean"] == pytest.approx(11 / 6)
+    assert base["mean_without_failures"] == pytest.approx(2.5)
+    assert summary["paired"]["TBD - baseline"]["mean"] == pytest.approx((3 + 3 + 3.5) / 3)
+    assert summary["paired"]["TBD - FGD"]["mean"] == pytest.approx((2 + 2.5 + 2) / 3)

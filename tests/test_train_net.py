@@ -13,6 +13,7 @@ from .conftest import CONFIGS, ROOT, tiny_distill_cfg, tiny_retinanet_cfg, write
 from .helpers import run_main
 
 ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml"))
+DISTILLING = ("DistillMetaArch", "DistillFCOS")
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -20,25 +21,25 @@ def test_every_config_loads(path):
     cfg = get_cfg()
     tbd.add_tbd_config(cfg)
     cfg.merge_from_file(str(path))
-    if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+    if cfg.MODEL.META_ARCHITECTURE in DISTILLING:
         tbd.validate_distill_config(cfg)
         assert cfg.MODEL.DISTILL.TEACHER.CONFIG
         teacher = cfg.MODEL.DISTILL.TEACHER.CONFIG
         assert (ROOT / teacher).is_file() or "/" in teacher  # repo path or zoo name
-    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "DistillMetaArch")
+    assert cfg.MODEL.META_ARCHITECTURE in ("RetinaNet", "FCOS", *DISTILLING)
 
 
-def test_every_shapes_config_builds_on_cpu(tmp_path):
+def test_every_shapes_and_demo_config_builds_on_cpu(tmp_path):
     from detectron2.modeling import build_model
 
     for path in ALL_CONFIGS:
-        if "shapes" not in str(path) or path.name.startswith("Base-RetinaNet"):
+        if path.parent.name not in ("shapes", "demo"):
             continue
         cfg = get_cfg()
         tbd.add_tbd_config(cfg)
         cfg.merge_from_file(str(path))
         cfg.MODEL.DEVICE = "cpu"
-        if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+        if cfg.MODEL.META_ARCHITECTURE in DISTILLING:
             cfg.MODEL.DISTILL.TEACHER.CONFIG = str(ROOT / cfg.MODEL.DISTILL.TEACHER.CONFIG)
             cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
             cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM_INIT = True
@@ -123,3 +124,33 @@ def test_coco_tbd_config_builds_with_zoo_teacher():
     assert len(model.teacher.backbone.bottom_up.res4) == 23  # R101
     assert len(model.backbone.bottom_up.res4) == 6  # R50 student
     assert set(model.distillers) == {"HD", "TFD"}
+
+
+@pytest.mark.parametrize("name, student, teacher, distillers, levels", [
+    ("tbd_fcos_R101_3x_to_fcos_R50_1x", "FCOS", "FCOS", {"HD", "TFD"}, ["p3", "p4", "p5", "p6",
+                                                                        "p7"]),
+    ("tfd_retinanet_R101_3x_to_fcos_R50_1x", "FCOS", "RetinaNet", {"TFD"},
+     ["p3", "p4", "p5", "p6", "p7"]),
+    ("pkd_faster_rcnn_R101_3x_to_R50_1x", "RetinaNet", "GeneralizedRCNN", {"PKD"},
+     ["p3", "p4", "p5", "p6"]),
+])
+def test_coco_family_configs_build(name, student, teacher, distillers, levels):
+    """The COCO configs of the other families build (random teachers: no weights here)."""
+    from detectron2.modeling import build_model
+
+    from tbd.modeling.teacher import detector_family
+
+    cfg = get_cfg()
+    tbd.add_tbd_config(cfg)
+    cfg.merge_from_file(str(CONFIGS / "COCO-Detection" / f"{name}.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FCOS.NORM = "BN"  # the configs' GN: Detectron2 v0.6's RetinaNetHead cannot build it
+    cfg.MODEL.DISTILL.TEACHER.OPTS = ["MODEL.FCOS.NORM", "BN"] if teacher == "FCOS" else []
+    cfg.MODEL.DISTILL.TEACHER.CONFIG = str(ROOT / cfg.MODEL.DISTILL.TEACHER.CONFIG) if (
+        ROOT / cfg.MODEL.DISTILL.TEACHER.CONFIG).is_file() else cfg.MODEL.DISTILL.TEACHER.CONFIG
+    cfg.MODEL.DISTILL.TEACHER.WEIGHTS = ""
+    cfg.MODEL.DISTILL.TEACHER.ALLOW_RANDOM_INIT = True
+    model = build_model(cfg)
+    assert (detector_family(model), detector_family(model.teacher)) == (student, teacher)
+    assert set(model.distillers) == distillers
+    assert model.distill_levels == levels

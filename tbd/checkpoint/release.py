@@ -5,6 +5,11 @@ A release file holds the student's weights only (no teacher, no adapters, no opt
 stock Detectron2 (``build_model`` + ``DetectionCheckpointer``) loads it with the student config
 written beside it. Its name carries the first 8 hex digits of its sha256, as Detectron2's model zoo
 does, and :func:`verify_release_file` checks them.
+
+Stock Detectron2 builds FCOS only from a LazyConfig, so an FCOS release also has
+``<name>_lazy.py``: ``LazyConfig.load(it, "model")`` + ``instantiate`` gives the stock FCOS
+(its backbone built by stock ``build_backbone`` from the yaml beside it, which then carries no
+``MODEL.FCOS`` keys, unknown to stock ``get_cfg()``).
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ def student_state_dict(state_dict: dict) -> dict:
 
 
 def stock_keys(student_cfg: CfgNode) -> dict[str, tuple]:
-    """Keys and shapes of the stock RetinaNet built from ``student_cfg`` (on CPU, no weights)."""
+    """Keys and shapes of the stock detector built from ``student_cfg`` (on CPU, no weights)."""
     from detectron2.modeling import build_model
 
     cfg = student_cfg.clone()
@@ -79,9 +84,9 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
                    out_dir: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write ``model_final_<sha8>.pth`` (+ ``.json`` metadata, + student ``config.yaml``).
 
-    The keys must match the stock RetinaNet of ``student_cfg`` exactly (names and shapes),
+    The keys must match the stock detector of ``student_cfg`` exactly (names and shapes),
     otherwise ReleaseError. Files are written to a temporary name and renamed: an interrupted
-    export leaves no half-written release.
+    export leaves no half-written release. An FCOS student also gets ``<name>_lazy.py``.
     """
     sd = student_state_dict(_read_checkpoint(checkpoint))
     expected = stock_keys(student_cfg)
@@ -90,7 +95,8 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
     bad = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
     if missing or extra or bad:
         raise ReleaseError(
-            f"{checkpoint}: does not match the student config's RetinaNet: {len(missing)} missing "
+            f"{checkpoint}: does not match the student config's "
+            f"{student_cfg.MODEL.META_ARCHITECTURE}: {len(missing)} missing "
             f"{missing[:5]}, {len(extra)} unexpected {extra[:5]}, {len(bad)} with other shapes "
             f"{bad[:5]}. Is this the right config for this checkpoint?"
         )
@@ -108,9 +114,68 @@ def export_student(checkpoint: str | os.PathLike, student_cfg: CfgNode,
     # strict JSON: an undefined metric (NaN, e.g. APl without large objects) is written as null
     atomic_write_text(str(out / f"{final.stem}.json"),
                       json.dumps(json_safe(meta), indent=2, allow_nan=False))
-    atomic_write_text(str(out / f"{final.stem}_config.yaml"), portable_dump(student_cfg))
+    yaml_cfg = student_cfg
+    if student_cfg.MODEL.META_ARCHITECTURE == "FCOS":
+        yaml_cfg = student_cfg.clone()
+        yaml_cfg.defrost()
+        del yaml_cfg.MODEL["FCOS"]
+        atomic_write_text(str(out / f"{final.stem}_lazy.py"),
+                          fcos_lazy_config(student_cfg, f"{final.stem}_config.yaml"))
+    atomic_write_text(str(out / f"{final.stem}_config.yaml"), portable_dump(yaml_cfg))
     logger.info("Released %s (%d tensors)", final, len(sd))
     return final
+
+
+def fcos_lazy_config(cfg: CfgNode, yaml_name: str) -> str:
+    """The text of a LazyConfig file that builds the stock FCOS of ``cfg`` with stock Detectron2
+    only: ``model = L(FCOS)(...)``, its backbone from the yaml ``yaml_name`` beside it."""
+    f = cfg.MODEL.FCOS
+    channels = cfg.MODEL.FPN.OUT_CHANNELS
+    args = {
+        "head_in_features": list(f.IN_FEATURES), "num_classes": f.NUM_CLASSES,
+        "center_sampling_radius": f.CENTER_SAMPLING_RADIUS,
+        "focal_loss_alpha": f.FOCAL_LOSS_ALPHA, "focal_loss_gamma": f.FOCAL_LOSS_GAMMA,
+        "test_score_thresh": f.SCORE_THRESH_TEST, "test_topk_candidates": f.TOPK_CANDIDATES_TEST,
+        "test_nms_thresh": f.NMS_THRESH_TEST,
+        "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        "pixel_mean": list(cfg.MODEL.PIXEL_MEAN), "pixel_std": list(cfg.MODEL.PIXEL_STD),
+    }
+    lines = "".join(f"    {k}={v!r},\n" for k, v in args.items())
+    return f'''"""Stock Detectron2 FCOS of this release (written by the TBD project's export).
+
+    from detectron2.config import LazyConfig, instantiate
+    model = instantiate(LazyConfig.load("<this file>", "model"))
+
+The backbone is stock ``build_backbone`` on ``{yaml_name}`` (beside this file), which also holds
+the input and dataset settings; load the weights with ``DetectionCheckpointer(model).load(...)``.
+"""
+
+import os
+
+from detectron2.config import LazyCall as L
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+
+def _backbone(yaml_path):
+    cfg = get_cfg()
+    cfg.merge_from_file(yaml_path)
+    return build_backbone(cfg)
+
+
+model = L(FCOS)(
+    backbone=L(_backbone)(yaml_path=os.path.join(os.path.dirname(__file__), {yaml_name!r})),
+    head=L(FCOSHead)(
+        input_shape=[ShapeSpec(channels={channels})] * {len(f.IN_FEATURES)},
+        conv_dims=[{channels}] * {f.NUM_CONVS},
+        num_classes={f.NUM_CLASSES},
+        norm={f.NORM!r},
+        prior_prob={f.PRIOR_PROB!r},
+    ),
+{lines})
+'''
 
 
 def verify_release_file(path: str | os.PathLike) -> str:

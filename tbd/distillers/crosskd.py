@@ -25,6 +25,7 @@ from .registry import (
     HEAD_INTERNALS,
     SAME_ANCHORS,
     SAME_CLASSES,
+    SAME_FAMILY,
     Distiller,
     DistillInputs,
     check_weights,
@@ -58,9 +59,16 @@ def student_index(student_depth: int, teacher_depth: int, teacher_index: int) ->
 
 @DISTILL_LOSS_REGISTRY.register()
 class CrossKD(Distiller):
-    """Cross-head knowledge distillation for RetinaNet-style heads."""
+    """Cross-head knowledge distillation for RetinaNet-style heads (RetinaNet's and FCOS's).
 
-    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD, HEAD_INTERNALS})
+    On FCOS, as the official ``CrossKDFCOS``: the crossed head's logits and boxes are distilled
+    as on RetinaNet (the teacher's FCOS head also yields a crossed centerness, which is not
+    distilled), normalised by the sum of the student's centerness targets over its positives
+    instead of their number [peer].
+    """
+
+    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, SAME_FAMILY, DENSE_TEACHER_HEAD,
+                       HEAD_INTERNALS})
     loss_keys = {"loss_crosskd_cls": "MODEL.DISTILL.CROSSKD.CLS_WEIGHT",
                  "loss_crosskd_reg": "MODEL.DISTILL.CROSSKD.REG_WEIGHT"}
 
@@ -142,7 +150,12 @@ class CrossKD(Distiller):
     def forward(self, inputs: DistillInputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         logits, deltas = self.crossed(inputs)
         valid = inputs.valid_mask
-        num_pos = reduce_mean(inputs.fg_mask.sum().float()).clamp_min(1.0)
+        if inputs.centerness_targets is None:
+            num_pos = reduce_mean(inputs.fg_mask.sum().float()).clamp_min(1.0)
+        else:  # FCOS [peer: the official CrossKDFCOS's avg_factor, floored at 1e-6]
+            ctr = torch.where(inputs.fg_mask, inputs.centerness_targets.float(),
+                              torch.zeros_like(inputs.centerness_targets.float()))
+            num_pos = reduce_mean(ctr.sum()).clamp_min(1e-6)
         p_t = inputs.teacher_probs
         z_x = inputs.flatten_levels(logits, inputs.num_classes)
         cls = (quality_focal_kd(z_x, p_t, self.beta) * valid).sum() / num_pos

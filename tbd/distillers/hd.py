@@ -20,6 +20,7 @@ from .registry import (
     GT_MATCHES,
     SAME_ANCHORS,
     SAME_CLASSES,
+    SAME_FAMILY,
     Distiller,
     DistillInputs,
     check_choice,
@@ -48,7 +49,9 @@ class HD(Distiller):
     GIoU (or L1 on deltas) between student and teacher boxes on foreground anchors.
     """
 
-    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, DENSE_TEACHER_HEAD, GT_MATCHES})
+    # The student's logits learn the teacher's probabilities and its boxes the teacher's boxes
+    # location by location: both must mean the same in both heads.
+    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, SAME_FAMILY, DENSE_TEACHER_HEAD, GT_MATCHES})
     loss_keys = {"loss_hd_cls": "MODEL.DISTILL.HD.CLS_WEIGHT",
                  "loss_hd_reg": "MODEL.DISTILL.HD.REG_WEIGHT"}
 

@@ -36,16 +36,48 @@ storage. ``MODEL.DISTILL.LOSSES`` lists the registered names a student is traine
 # What a distiller may need from a (student, teacher) pair; checked when the meta-arch is built.
 SAME_CLASSES = "same_classes"
 SAME_ANCHORS = "same_anchors"
+SAME_FAMILY = "same_family"
 DENSE_TEACHER_HEAD = "dense_teacher_head"
 GT_MATCHES = "gt_matches"
 HEAD_INTERNALS = "head_internals"
 NEEDS = {
     SAME_CLASSES: "the same number of classes (per-class scores are compared one to one)",
-    SAME_ANCHORS: "identical anchors (MODEL.ANCHOR_GENERATOR; outputs are paired anchor by anchor)",
-    DENSE_TEACHER_HEAD: "a dense teacher head (RetinaNet-type: per-anchor logits and deltas)",
+    SAME_ANCHORS: "identical anchors (MODEL.ANCHOR_GENERATOR, or FCOS's points: outputs are "
+                  "paired anchor by anchor)",
+    SAME_FAMILY: "a teacher of the student's family (RetinaNet -> RetinaNet, FCOS -> FCOS: the "
+                 "scores and boxes mean the same)",
+    DENSE_TEACHER_HEAD: "a dense teacher head (RetinaNet or FCOS: per-location scores and boxes) "
+                        "on all the student's head levels",
     GT_MATCHES: "the GT index each student anchor is matched to (computed only when needed)",
-    HEAD_INTERNALS: "RetinaNet-style heads (cls_subnet, bbox_subnet) whose inner maps are read",
+    HEAD_INTERNALS: "RetinaNet-style heads (cls_subnet, bbox_subnet; FCOS's too) whose inner maps "
+                    "are read",
 }
+
+# The detector families a pair is made of: students (the distilling meta-architectures) and
+# teachers (what ``build_teacher`` accepts). "GeneralizedRCNN" is a Faster R-CNN with an FPN.
+STUDENT_FAMILIES = ("RetinaNet", "FCOS")
+DENSE_FAMILIES = ("RetinaNet", "FCOS")
+TEACHER_FAMILIES = ("RetinaNet", "FCOS", "GeneralizedRCNN")
+
+
+def family_supports(needs: Iterable[str], student: str, teacher: str) -> bool:
+    """Whether a distiller with ``needs`` can distil a ``teacher``-family teacher into a
+    ``student``-family student (the checks of sizes, classes and anchors come on top)."""
+    needs = set(needs)
+    dense_needed = bool(needs & {DENSE_TEACHER_HEAD, HEAD_INTERNALS, SAME_ANCHORS, SAME_FAMILY})
+    if dense_needed and teacher not in DENSE_FAMILIES:
+        return False
+    # Anchors of RetinaNet (A per location, IoU-matched) and FCOS (one point) never coincide.
+    if needs & {SAME_FAMILY, SAME_ANCHORS} and student != teacher:
+        return False
+    return True
+
+
+def supported_pairs(needs: Iterable[str]) -> list[str]:
+    """The "teacher -> student" family pairs a distiller with ``needs`` supports."""
+    needs = tuple(needs)
+    return [f"{t} -> {s}" for s in STUDENT_FAMILIES for t in TEACHER_FAMILIES
+            if family_supports(needs, s, t)]
 
 # Named methods as users and the benchmarks compare them: name -> MODEL.DISTILL.LOSSES. Each
 # distiller's file registers the methods it makes up (``register_method``); "baseline" is the
@@ -127,9 +159,9 @@ class DistillInputs:
     teacher_features: list[Tensor]  # [N, Ct, H, W]
     student_logits: list[Tensor]  # raw head output [N, A*K, H, W]
     student_deltas: list[Tensor]  # raw head output [N, A*4, H, W]
-    teacher_logits: list[Tensor]
+    teacher_logits: list[Tensor]  # empty when no distiller of the step reads the teacher's head
     teacher_deltas: list[Tensor]
-    anchors: list[Boxes]  # per level, H*W*A boxes, ordered (y, x, a)
+    anchors: list[Boxes]  # the student's, per level, H*W*A boxes, ordered (y, x, a)
     gt_labels: Tensor  # [N, R] in {-1 (ignore), 0..K-1 (foreground), K (background)}
     matched: Optional[Tensor]  # [N, R] matched GT index (on foreground), if a distiller needs it
     gt_instances: list[Instances]
@@ -143,6 +175,13 @@ class DistillInputs:
     student_internals: Optional[dict[str, list[Tensor]]] = None
     teacher_internals: Optional[dict[str, list[Tensor]]] = None
     teacher_head: Optional[nn.Module] = None
+    # The teacher's own anchors (points for FCOS) per level; None: the student's. They differ
+    # only in a mixed pair (an FCOS teacher for a RetinaNet student, or the converse).
+    teacher_anchors: Optional[list[Boxes]] = None
+    # An FCOS teacher's centerness logits per level [N, 1, H, W]; None for RetinaNet.
+    teacher_centerness: Optional[list[Tensor]] = None
+    # An FCOS student's centerness targets [N, R] (meaningful on foreground); None otherwise.
+    centerness_targets: Optional[Tensor] = None
 
     def float(self) -> DistillInputs:
         """The taps in fp32 (a no-op for fp32 tensors): distillation runs in fp32, also when the
@@ -150,6 +189,8 @@ class DistillInputs:
         names = ("student_features", "teacher_features", "student_logits", "student_deltas",
                  "teacher_logits", "teacher_deltas")
         out = {n: [t.float() for t in getattr(self, n)] for n in names}
+        if self.teacher_centerness is not None:
+            out["teacher_centerness"] = [t.float() for t in self.teacher_centerness]
         for n in ("student_internals", "teacher_internals"):
             maps = getattr(self, n)
             if maps is not None:
@@ -179,6 +220,14 @@ class DistillInputs:
         return Boxes.cat(self.anchors).tensor
 
     @property
+    def teacher_anchors_per_level(self) -> list[int]:
+        return [len(a) for a in (self.teacher_anchors or self.anchors)]
+
+    @cached_property
+    def teacher_anchors_cat(self) -> Tensor:
+        return Boxes.cat(self.teacher_anchors).tensor if self.teacher_anchors else self.anchors_cat
+
+    @property
     def matched_idxs(self) -> Tensor:
         """[N, R] index of the GT each anchor is matched to (meaningful on foreground anchors).
 
@@ -194,24 +243,39 @@ class DistillInputs:
         """[N, A*D, H, W] per level -> [N, R, D] in Detectron2's (y, x, a) anchor order."""
         return torch.cat([permute_to_N_HWA_K(x, dim) for x in per_level], dim=1)
 
-    def decode(self, deltas: list[Tensor], box2box: Box2BoxTransform) -> Tensor:
-        """Decode per-level raw deltas into boxes [N, R, 4] on the shared anchors."""
+    def decode(self, deltas: list[Tensor], box2box: Box2BoxTransform,
+               anchors: Optional[Tensor] = None) -> Tensor:
+        """Decode per-level raw deltas into boxes [N, R, 4] on ``anchors`` ([R, 4]; default: the
+        student's)."""
         d = self.flatten_levels(deltas, 4)
         n = d.shape[0]
-        anchors = self.anchors_cat.unsqueeze(0).expand(n, -1, -1)
+        anchors = (self.anchors_cat if anchors is None else anchors).unsqueeze(0).expand(n, -1, -1)
         return box2box.apply_deltas(d.reshape(-1, 4), anchors.reshape(-1, 4)).view(n, -1, 4)
 
     @cached_property
     def teacher_probs(self) -> Tensor:
-        """[N, R, K] teacher scores (fp32)."""
+        """[N, R, K] the teacher's class probabilities, sigmoid of its logits (fp32): the targets
+        of response distillation."""
         with torch.no_grad():
             return self.flatten_levels(self.teacher_logits, self.num_classes).float().sigmoid()
 
     @cached_property
-    def teacher_boxes(self) -> Tensor:
-        """[N, R, 4] teacher boxes decoded on the anchors (fp32)."""
+    def teacher_scores(self) -> Tensor:
+        """[N, R, K] the teacher's detection scores, as its inference ranks boxes: the class
+        probabilities for RetinaNet, ``sqrt(p * sigmoid(centerness))`` for FCOS (fp32). The
+        quality s, the Harmony Score and TFD's classification mask read these [ours]."""
+        if self.teacher_centerness is None:
+            return self.teacher_probs
         with torch.no_grad():
-            return self.decode([d.float() for d in self.teacher_deltas], self.teacher_box2box)
+            ctr = self.flatten_levels(self.teacher_centerness, 1).float().sigmoid()
+            return (self.teacher_probs * ctr).sqrt()
+
+    @cached_property
+    def teacher_boxes(self) -> Tensor:
+        """[N, R_t, 4] teacher boxes decoded on its own anchors (fp32)."""
+        with torch.no_grad():
+            return self.decode([d.float() for d in self.teacher_deltas], self.teacher_box2box,
+                               self.teacher_anchors_cat)
 
     @cached_property
     def teacher_quality(self) -> tuple[Tensor, Tensor]:
@@ -219,7 +283,7 @@ class DistillInputs:
         from .quality import teacher_cls_quality, teacher_loc_quality
 
         with torch.no_grad():
-            s = teacher_cls_quality(self.teacher_probs, self.gt_labels, self.num_classes)
+            s = teacher_cls_quality(self.teacher_scores, self.gt_labels, self.num_classes)
             u = teacher_loc_quality(
                 self.teacher_boxes, self.gt_instances, self.matched_idxs, self.fg_mask
             )
@@ -227,9 +291,9 @@ class DistillInputs:
 
     @cached_property
     def teacher_best_iou(self) -> Tensor:
-        """[N, R] u*: max IoU of each teacher box with any GT of its image (0 without GT)."""
+        """[N, R_t] u*: max IoU of each teacher box with any GT of its image (0 without GT)."""
         with torch.no_grad():
-            out = torch.zeros_like(self.gt_labels, dtype=torch.float32)
+            out = self.teacher_boxes.new_zeros(self.teacher_boxes.shape[:2])
             for n, inst in enumerate(self.gt_instances):  # loop over images, not boxes
                 if len(inst) > 0:
                     iou = pairwise_iou(Boxes(self.teacher_boxes[n]), inst.gt_boxes.to(out.device))

@@ -16,13 +16,11 @@ from .primitives import (
     build_adapters,
     masked_feature_loss,
     max_over_anchors,
-    max_score_mask,
     normalise_per_image,
 )
 from .registry import (
     DENSE_TEACHER_HEAD,
     DISTILL_LOSS_REGISTRY,
-    SAME_ANCHORS,
     Distiller,
     DistillInputs,
     check_choice,
@@ -40,10 +38,11 @@ class TFD(Distiller):
     Mask per level: ``M = gamma * M_cls + (1 - gamma) * M_reg``, with ``M_cls`` the teacher's max
     score per location (FRS's mask) and ``M_reg`` the max over anchors of u* (the teacher box's
     best IoU with any GT). Loss: ``sum_l sum M ||F_T - Adapt(F_S)||^2 / max(sum M, eps)``.
-    ``M_reg`` decodes the teacher's deltas on the student's anchors, hence ``SAME_ANCHORS``.
+    Both masks are per location and come from the teacher's own head on its own anchors (FCOS:
+    points, its score including centerness), so any dense teacher works for any dense student.
     """
 
-    needs = frozenset({SAME_ANCHORS, DENSE_TEACHER_HEAD})
+    needs = frozenset({DENSE_TEACHER_HEAD})
     loss_keys = {"loss_tfd": "MODEL.DISTILL.TFD.WEIGHT"}
 
     @classmethod
@@ -104,11 +103,13 @@ class TFD(Distiller):
 
     def masks(self, inputs: DistillInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per level: (M, M_cls, M_reg), each [N, H, W], detached, fp32."""
-        u_star = inputs.teacher_best_iou.split(inputs.num_anchors_per_level, dim=1)
+        per_level = inputs.teacher_anchors_per_level
+        u_star = inputs.teacher_best_iou.split(per_level, dim=1)
+        score = inputs.teacher_scores.amax(dim=-1).split(per_level, dim=1)
         out = []
-        for logits, u_l in zip(inputs.teacher_logits, u_star):
+        for logits, s_l, u_l in zip(inputs.teacher_logits, score, u_star):
             h, w = logits.shape[-2:]
-            m_cls = max_score_mask(logits)
+            m_cls = max_over_anchors(s_l, h, w)
             m_reg = max_over_anchors(u_l, h, w)
             if self.balance_mode == "dynamic":
                 mix = self.gamma * normalise_per_image(m_cls)

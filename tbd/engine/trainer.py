@@ -105,7 +105,8 @@ def exact_jit():
 
 
 class DistillTrainer(DefaultTrainer):
-    """DefaultTrainer for DistillMetaArch (and plain RetinaNet) runs; see the module doc."""
+    """DefaultTrainer for DistillMetaArch / DistillFCOS (and plain RetinaNet or FCOS) runs; see
+    the module doc."""
 
     def __init__(self, cfg: CfgNode, *, model: Optional[nn.Module] = None,
                  train_dicts: Optional[list[dict]] = None):

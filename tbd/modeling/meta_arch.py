@@ -3,14 +3,17 @@ registered distillers, through Detectron2's own ``forward_training`` extension p
 
 Design (docs/design.md):
 
-* The class *is* the student: ``DistillMetaArch`` subclasses RetinaNet, so the student's parameters
-  keep stock names (``backbone.*``, ``head.*``) and stock or model-zoo checkpoints load as
-  MODEL.WEIGHTS. Distillation-only parameters (adapters) live under ``distillers.*``.
+* The class *is* the student: ``DistillMetaArch`` subclasses RetinaNet (``DistillFCOS``, in
+  ``fcos.py``, FCOS), so the student's parameters keep stock names (``backbone.*``, ``head.*``) and
+  stock or model-zoo checkpoints load as MODEL.WEIGHTS. Distillation-only parameters (adapters)
+  live under ``distillers.*``.
 * Stock ``forward`` and inference. In training, ``preprocess_image`` also prepares the teacher's
   input, and ``forward_training`` adds the distillation terms to the stock losses:
   ``L = L_det(student) + factor(t) * sum_d L_d(student, teacher)``.
 * ``DistillMixin`` holds everything that is not specific to RetinaNet, so that another dense
   student (FCOS) is a small class implementing ``detection_targets`` and ``detection_losses``.
+* The teacher may be of another family (RetinaNet, FCOS, or a Faster R-CNN with an FPN): FPN
+  levels are paired by stride, and each distiller's ``needs`` say which pairs it supports.
 * The teacher is kept outside the module tree (``tbd.modeling.teacher``).
 * ``build_model(cfg)`` loads no weights by contract; the teacher's weights are the one exception:
   they are loaded here, from MODEL.DISTILL.TEACHER.WEIGHTS, when the meta-arch is built.
@@ -36,7 +39,7 @@ from torch.profiler import record_function
 
 from ..config import ConfigError, resolve_warmup_iters, validate_distill_config
 from ..distillers import DISTILL_LOSS_REGISTRY, DistillInputs
-from ..distillers.registry import GT_MATCHES, HEAD_INTERNALS
+from ..distillers.registry import DENSE_TEACHER_HEAD, GT_MATCHES, HEAD_INTERNALS
 from .auto_weight import AutoWeight
 from .guards import (
     DistillDiagnostics,
@@ -45,7 +48,7 @@ from .guards import (
     current_iter,
     raise_if_inputs_not_finite,
 )
-from .taps import DenseTaps, HeadInternals, batch_taps, dense_taps
+from .taps import DenseTaps, HeadInternals, batch_taps
 from .teacher import (
     TeacherError,
     TeacherHolder,
@@ -115,13 +118,25 @@ class DistillMixin:
         check_finite: bool = True,
         teacher_fingerprint: Optional[dict] = None,
         auto_weight: Optional[dict] = None,
+        levels: Optional[list[str]] = None,
+        teacher_levels: Optional[list[str]] = None,
     ) -> None:
         """Attach the teacher and distillers (called by ``__init__`` after the stock one).
 
         ``auto_weight``: ``{"targets": {name: ratio}, "iters": n}`` turns on automatic loss
         weights (:class:`tbd.modeling.auto_weight.AutoWeight`); None keeps the configured ones.
+        ``levels``: the student's FPN levels whose features are distilled (default: the head's),
+        paired with the teacher's ``teacher_levels`` (same strides; default: the same names).
         """
         self.distillers = nn.ModuleDict(distillers)
+        self.distill_levels = list(levels) if levels is not None else list(self.head_in_features)
+        self.teacher_levels = (list(teacher_levels) if teacher_levels is not None
+                               else list(self.distill_levels))
+        self._level_index = [list(self.head_in_features).index(n) for n in self.distill_levels]
+        # The teacher's head runs only for distillers that read its outputs or insides.
+        self.uses_teacher_head = any(
+            {DENSE_TEACHER_HEAD, HEAD_INTERNALS} & set(getattr(d, "needs", ()))
+            for d in self.distillers.values())
         self._teacher = TeacherHolder(freeze(teacher) if teacher is not None else None)
         self.teacher_input_format = teacher_input_format
         self.start_iter = start_iter
@@ -182,12 +197,12 @@ class DistillMixin:
             return {"teacher": None, "distillers": {}}
         teacher, tcfg, _ = build_teacher(cfg)
         classes = {n: DISTILL_LOSS_REGISTRY.get(n) for n in names}
-        check_compatible(student, teacher, classes)
+        pairs = check_compatible(student, teacher, classes, list(cfg.MODEL.DISTILL.LEVELS))
         auto = cfg.MODEL.DISTILL.AUTO_WEIGHT
-        s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
-        levels = list(student.head_in_features)
-        s_shapes = {n: s_shapes[n] for n in levels}
-        t_shapes = {n: t_shapes[n] for n in levels}
+        s_all, t_all = student.backbone.output_shape(), teacher.backbone.output_shape()
+        # The distillers see the teacher's levels under the student's names.
+        s_shapes = {s: s_all[s] for s, _ in pairs}
+        t_shapes = {s: t_all[t] for s, t in pairs}
         return {
             "teacher": teacher,
             "distillers": {n: c(cfg, s_shapes, t_shapes) for n, c in classes.items()},
@@ -200,6 +215,8 @@ class DistillMixin:
             "teacher_fingerprint": teacher_fingerprint(cfg),
             "auto_weight": ({"targets": dict(auto.TARGET), "iters": auto.ITERS}
                             if auto.ENABLED else None),
+            "levels": [s for s, _ in pairs],
+            "teacher_levels": [t for _, t in pairs],
         }
 
     # ------------------------------------------------------------------------------- teacher
@@ -236,9 +253,18 @@ class DistillMixin:
                                                    self.input_format, self.teacher_input_format))
 
     def teacher_taps(self, images: PairedImages) -> DenseTaps:
-        """The teacher's FPN features and head outputs on its own input, without gradient."""
+        """The teacher's FPN features at ``teacher_levels`` and, when a distiller reads them, its
+        head outputs and anchors, on its own input, without gradient."""
+        t = self.teacher
         with torch.no_grad(), record_function("tbd.teacher_forward"):
-            taps = dense_taps(self.teacher, images.teacher)
+            feats = t.backbone(images.teacher.tensor)
+            predictions, anchors = [], None
+            if self.uses_teacher_head:
+                head_feats = [feats[f] for f in t.head_in_features]
+                predictions = list(t.head(head_feats))
+                anchors = t.anchor_generator(head_feats)
+            taps = DenseTaps(images.teacher, [feats[n] for n in self.teacher_levels],
+                             predictions, anchors=anchors)
         if self._internals is not None:
             taps.internals = self._internals[1].take()
         return taps
@@ -317,21 +343,25 @@ class DistillMixin:
     def make_distill_inputs(self, student: DenseTaps, teacher: DenseTaps,
                             targets: DetectionTargets, gt_instances: list[Instances]
                             ) -> DistillInputs:
+        has_head = len(teacher.predictions) > 0
         return DistillInputs(
-            level_names=list(self.head_in_features),
-            student_features=student.features,
+            level_names=list(self.distill_levels),
+            student_features=[student.features[i] for i in self._level_index],
             teacher_features=teacher.features,
             student_logits=student.logits,
             student_deltas=student.deltas,
-            teacher_logits=teacher.logits,
-            teacher_deltas=teacher.deltas,
+            teacher_logits=teacher.logits if has_head else [],
+            teacher_deltas=teacher.deltas if has_head else [],
             anchors=targets.anchors,
+            teacher_anchors=teacher.anchors,
+            teacher_centerness=teacher.centerness if has_head else None,
+            centerness_targets=self.centerness_targets(targets),
             gt_labels=torch.stack(targets.gt_labels),
             matched=targets.matched_idxs,
             gt_instances=gt_instances,
             num_classes=self.num_classes,
             student_box2box=self.box2box_transform,
-            teacher_box2box=self.teacher.box2box_transform,
+            teacher_box2box=getattr(self.teacher, "box2box_transform", None),
             image_sizes=list(student.images.image_sizes),
             student_internals=student.internals,
             teacher_internals=teacher.internals,
@@ -345,6 +375,8 @@ class DistillMixin:
         if self.teacher is None:
             raise TeacherError("distill_inputs needs a teacher (MODEL.DISTILL.TEACHER.*).")
         student = batch_taps(self, batched_inputs)
+        if self._internals is not None:  # recorded in training mode only (CrossKD's maps)
+            student.internals = self._internals[0].take()
         images = student.images
         if not isinstance(images, PairedImages):  # eval mode: preprocess_image did not pair
             images = self._paired(images, batched_inputs)
@@ -360,6 +392,25 @@ class DistillMixin:
     def detection_losses(self, student: DenseTaps, targets: DetectionTargets
                          ) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def centerness_targets(self, targets: DetectionTargets) -> Optional[Tensor]:
+        """[N, R] the student's centerness targets (FCOS), None for a student without them."""
+        return None
+
+    def _ema_update(self, name: str, value: float, initial_value: float, momentum: float = 0.9):
+        """The EMA loss normaliser of RetinaNet and FCOS, made global over processes.
+
+        Stock Detectron2 keeps a per-process EMA of the number of positive anchors. Here the EMA
+        follows the total over processes (as one process with the total batch would), and each
+        process divides by total / world size, so that DDP's gradient average equals the
+        single-process gradient. (A process with no positive anchors counts 1, as in stock.)
+        """
+        world = comm.get_world_size()
+        if name != "loss_normalizer" or world == 1:
+            return super()._ema_update(name, value, initial_value, momentum)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(total)
+        return super()._ema_update(name, float(total.item()), initial_value, momentum) / world
 
 
 @META_ARCH_REGISTRY.register()
@@ -382,23 +433,9 @@ class DistillMetaArch(DistillMixin, RetinaNet):
     @classmethod
     def from_config(cls, cfg):
         ret = RetinaNet.from_config(cfg)
-        ret["distill"] = cls.distillation_from_config(cfg, SimpleNamespace(**ret))
+        ret["distill"] = cls.distillation_from_config(cfg, SimpleNamespace(family="RetinaNet",
+                                                                           **ret))
         return ret
-
-    def _ema_update(self, name: str, value: float, initial_value: float, momentum: float = 0.9):
-        """RetinaNet's EMA loss normaliser, made global over processes.
-
-        Stock Detectron2 keeps a per-process EMA of the number of positive anchors. Here the EMA
-        follows the total over processes (as one process with the total batch would), and each
-        process divides by total / world size, so that DDP's gradient average equals the
-        single-process gradient. (A process with no positive anchors counts 1, as in stock.)
-        """
-        world = comm.get_world_size()
-        if name != "loss_normalizer" or world == 1:
-            return super()._ema_update(name, value, initial_value, momentum)
-        total = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(total)
-        return super()._ema_update(name, float(total.item()), initial_value, momentum) / world
 
     def detection_targets(self, features: list[Tensor], gt_instances: list[Instances],
                           with_matches: bool) -> DetectionTargets:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList
 from torch import Tensor, nn
 
 
@@ -19,7 +19,8 @@ class DenseTaps:
     """What a dense detector computes before its losses or post-processing.
 
     ``predictions`` are the head's outputs, each a per-level list ``[N, A*D, H, W]``: RetinaNet's
-    are ``[logits, box deltas]``.
+    are ``[logits, box deltas]``, FCOS's ``[logits, box deltas, centerness]``; empty for a teacher
+    whose head is not read (a Faster R-CNN teacher, or feature distillers only).
     """
 
     images: ImageList
@@ -28,6 +29,8 @@ class DenseTaps:
     # Head internals recorded by a ``HeadInternals`` during the forward: {"cls": [...], "box":
     # [...]}, one map per level, when a distiller needs them.
     internals: Optional[dict[str, list[Tensor]]] = field(default=None)
+    # The model's own anchors (points for FCOS) per level, when its head outputs are decoded.
+    anchors: Optional[list[Boxes]] = field(default=None)
 
     @property
     def logits(self) -> list[Tensor]:
@@ -36,6 +39,11 @@ class DenseTaps:
     @property
     def deltas(self) -> list[Tensor]:
         return self.predictions[1]
+
+    @property
+    def centerness(self) -> Optional[list[Tensor]]:
+        """FCOS's centerness logits per level ``[N, 1, H, W]``; None for a head without them."""
+        return self.predictions[2] if len(self.predictions) > 2 else None
 
 
 def dense_taps(model: DenseDetector, images: ImageList) -> DenseTaps:

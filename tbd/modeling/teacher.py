@@ -20,25 +20,48 @@ from typing import Optional
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
-from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.modeling.meta_arch import GeneralizedRCNN, RetinaNet
+from detectron2.modeling.meta_arch.fcos import FCOS as StockFCOS
 from detectron2.structures import ImageList
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from ..checkpoint.io import sha256_file
 from ..checkpoint.training import LoadReport, load_with_report
-from ..config import changed_keys
+from ..config import ConfigError, changed_keys
+from ..data.loader import NUM_CLASSES_KEYS
 from ..distillers.registry import (
     DENSE_TEACHER_HEAD,
+    HEAD_INTERNALS,
     NEEDS,
     SAME_ANCHORS,
     SAME_CLASSES,
+    TEACHER_FAMILIES,
     Distiller,
+    family_supports,
+    supported_pairs,
 )
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PAIRS = "RetinaNet-type dense detectors (RetinaNet or a subclass) -> RetinaNet student"
+SUPPORTED_PAIRS = ("teachers: RetinaNet, FCOS (dense heads) or GeneralizedRCNN (Faster R-CNN "
+                   "with an FPN: features only); students: RetinaNet (DistillMetaArch) or FCOS "
+                   "(DistillFCOS). Each distiller's pairs: docs/METHOD.md, 'Supported pairs'")
+
+# The head-level keys per family, named in error messages.
+IN_FEATURES_KEYS = {"RetinaNet": "MODEL.RETINANET.IN_FEATURES", "FCOS": "MODEL.FCOS.IN_FEATURES"}
+
+
+def detector_family(model) -> str:
+    """"RetinaNet", "FCOS" or "GeneralizedRCNN" (subclasses included); the class name otherwise.
+    A student's parts (a namespace) carry their ``family``."""
+    if isinstance(model, RetinaNet):
+        return "RetinaNet"
+    if isinstance(model, StockFCOS):
+        return "FCOS"
+    if isinstance(model, GeneralizedRCNN):
+        return "GeneralizedRCNN"
+    return getattr(model, "family", type(model).__name__)
 
 
 class TeacherError(ValueError):
@@ -142,11 +165,11 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, LoadReport | None]:
+def build_teacher(cfg: CfgNode) -> tuple[nn.Module, CfgNode, LoadReport | None]:
     """Build the frozen teacher described by ``cfg.MODEL.DISTILL.TEACHER`` and load its weights.
 
     Raises TeacherError for a missing/unreadable config, missing/partial weights (unless
-    ``ALLOW_RANDOM_INIT``), or a teacher that is not a RetinaNet-type detector.
+    ``ALLOW_RANDOM_INIT``), or a teacher that is not a RetinaNet, an FCOS or a GeneralizedRCNN.
     """
     t = cfg.MODEL.DISTILL.TEACHER
     if not t.WEIGHTS and not t.ALLOW_RANDOM_INIT:
@@ -162,7 +185,7 @@ def build_teacher(cfg: CfgNode) -> tuple[RetinaNet, CfgNode, LoadReport | None]:
         )
     tcfg = load_teacher_config(cfg)
     model = build_model(tcfg)
-    if not isinstance(model, RetinaNet):
+    if detector_family(model) not in TEACHER_FAMILIES:
         raise TeacherError(
             f"MODEL.DISTILL.TEACHER.CONFIG={t.CONFIG!r} builds a {type(model).__name__} "
             f"(MODEL.META_ARCHITECTURE={tcfg.MODEL.META_ARCHITECTURE!r}); supported pairs: "
@@ -249,44 +272,77 @@ def teacher_is_frozen(model: nn.Module) -> bool:
     return not model.training and not any(p.requires_grad for p in model.parameters())
 
 
-def check_compatible(student, teacher: RetinaNet, distillers: dict[str, type[Distiller]]
-                     ) -> None:
-    """Raise TeacherError (naming the key) if the pair cannot be distilled with ``distillers``.
+def _levels(shapes: dict, names: list[str]) -> str:
+    return ", ".join(f"{n} (stride {shapes[n].stride})" for n in names)
 
-    ``student``: the student or its parts (``backbone``, ``head_in_features``, ``num_classes``,
-    ``anchor_generator``); ``distillers``: name -> distiller class or module. FPN levels are
-    paired by name and must have the same stride; what else is checked follows the distillers'
-    ``needs``. Run once, when the meta-arch is built from its config.
+
+def check_compatible(student, teacher: nn.Module, distillers: dict[str, type[Distiller]],
+                     levels: Optional[list[str]] = None) -> list[tuple[str, str]]:
+    """Raise TeacherError (naming the key) if the pair cannot be distilled with ``distillers``;
+    return the paired FPN levels ``[(student level, teacher level)]``.
+
+    ``student``: the student or its parts (``family``, ``backbone``, ``head_in_features``,
+    ``num_classes``, ``anchor_generator``); ``distillers``: name -> distiller class or module;
+    ``levels``: the student levels whose features are distilled (MODEL.DISTILL.LEVELS; empty:
+    the head's). Levels are paired by stride (a Faster R-CNN FPN has p2-p6, RetinaNet p3-p7).
+    What else is checked follows the distillers' ``needs``. Run once, when the meta-arch is built.
     """
-    s_names = list(student.head_in_features)
+    s_family, t_family = detector_family(student), detector_family(teacher)
+    head_levels = list(student.head_in_features)
+    levels = list(levels) if levels else head_levels
     s_shapes, t_shapes = student.backbone.output_shape(), teacher.backbone.output_shape()
-    missing = [n for n in s_names if n not in t_shapes]
-    if missing:
-        raise TeacherError(
-            f"FPN levels {missing} of the student (MODEL.RETINANET.IN_FEATURES) are missing "
-            f"from the teacher's backbone outputs {sorted(t_shapes)}."
-        )
-    if s_names != list(teacher.head_in_features):
-        raise TeacherError(
-            f"FPN levels differ: student MODEL.RETINANET.IN_FEATURES={s_names}, teacher "
-            f"{list(teacher.head_in_features)}. Distillation pairs levels by name; make them equal."
-        )
-    for name in s_names:
-        if s_shapes[name].stride != t_shapes[name].stride:
-            raise TeacherError(
-                f"FPN level {name} has stride {s_shapes[name].stride} in the student and "
-                f"{t_shapes[name].stride} in the teacher (MODEL.FPN / MODEL.RESNETS settings)."
-            )
 
     def needing(need: str) -> list[str]:
         return [n for n, d in distillers.items() if need in getattr(d, "needs", ())]
 
-    if needing(DENSE_TEACHER_HEAD) and not hasattr(teacher, "head"):
-        raise TeacherError(f"{needing(DENSE_TEACHER_HEAD)} need {NEEDS[DENSE_TEACHER_HEAD]}; the "
-                           f"teacher is a {type(teacher).__name__}. Supported: {SUPPORTED_PAIRS}.")
+    for name, d in distillers.items():
+        needs = getattr(d, "needs", ())
+        if not family_supports(needs, s_family, t_family):
+            what = "; ".join(NEEDS[n] for n in sorted(needs)
+                             if not family_supports({n}, s_family, t_family))
+            raise TeacherError(
+                f"{name} cannot distil a {t_family} teacher into a {s_family} student: it needs "
+                f"{what}. Pairs {name} supports (teacher -> student): "
+                f"{', '.join(supported_pairs(needs))}. Choose another distiller in "
+                "MODEL.DISTILL.LOSSES or another teacher (MODEL.DISTILL.TEACHER.CONFIG).")
+    unknown = [n for n in levels if n not in head_levels]
+    if unknown:
+        raise ConfigError(f"MODEL.DISTILL.LEVELS has {unknown}, which are not head levels of the "
+                          f"student ({IN_FEATURES_KEYS.get(s_family, 'IN_FEATURES')}="
+                          f"{head_levels}).")
+    head_users = sorted(set(needing(DENSE_TEACHER_HEAD) + needing(HEAD_INTERNALS)))
+    if head_users and levels != head_levels:
+        raise ConfigError(
+            f"MODEL.DISTILL.LEVELS={levels} leaves out head levels, but {head_users} read the "
+            f"teacher's head on every level of the student's ({head_levels}): leave LEVELS empty "
+            "or use feature distillers only.")
+    by_stride = {}
+    for n in sorted(t_shapes, key=lambda k: t_shapes[k].stride):
+        by_stride.setdefault(t_shapes[n].stride, n)
+    pairs = []
+    for n in levels:
+        match = by_stride.get(s_shapes[n].stride)
+        if match is None:
+            both = [m for m in levels if s_shapes[m].stride in by_stride]
+            raise TeacherError(
+                f"FPN level {n} (stride {s_shapes[n].stride}) of the student has no teacher level "
+                f"of that stride; the teacher's backbone has {_levels(t_shapes, sorted(t_shapes))}"
+                f". Set MODEL.DISTILL.LEVELS to the student levels both have ({both}), with "
+                "feature distillers only.")
+        pairs.append((n, match))
+    if head_users:
+        t_head = [t_shapes[f].stride for f in teacher.head_in_features]
+        s_head = [s_shapes[f].stride for f in head_levels]
+        if t_head != s_head:
+            raise TeacherError(
+                f"{head_users} pair the two heads level by level, but the student's head runs on "
+                f"{_levels(s_shapes, head_levels)} and the teacher's on "
+                f"{_levels(t_shapes, list(teacher.head_in_features))} "
+                f"({IN_FEATURES_KEYS.get(t_family, 'IN_FEATURES')} of the teacher).")
+
     if needing(SAME_CLASSES) and student.num_classes != teacher.num_classes:
         raise TeacherError(
-            f"MODEL.RETINANET.NUM_CLASSES differs: student {student.num_classes}, teacher "
+            f"{NUM_CLASSES_KEYS.get(s_family)} differs: student {student.num_classes}, teacher "
             f"{teacher.num_classes}; {needing(SAME_CLASSES)} distil per-class scores and need "
             "them equal."
         )
@@ -300,6 +356,7 @@ def check_compatible(student, teacher: RetinaNet, distillers: dict[str, type[Dis
                 f"student and teacher; {needing(SAME_ANCHORS)} pair anchors one to one and need "
                 "identical anchors."
             )
+    return pairs
 
 
 def teacher_images(teacher: nn.Module, batched_inputs: list[dict], student_images: ImageList,

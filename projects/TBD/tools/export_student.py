@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Turn a training checkpoint (DistillMetaArch or another wrapper) into a model-zoo release.
+"""Turn a training checkpoint (DistillMetaArch, DistillFCOS or another wrapper) into a model-zoo
+release.
 
     python projects/TBD/tools/export_student.py \\
         --config-file projects/TBD/configs/shapes/tbd_R18_FPN256_to_R18_FPN64.yaml \\
         --checkpoint output/shapes/tbd_R18_FPN256_to_R18_FPN64/model_final.pth \\
         --output release/tbd_R18_FPN256_to_R18_FPN64
 
-Writes ``model_final_<sha256[:8]>.pth`` (student weights only, stock RetinaNet keys),
+Writes ``model_final_<sha256[:8]>.pth`` (student weights only, stock RetinaNet or FCOS keys),
 ``model_final_<sha8>.json`` (config, teacher, schedule, AP, training time, commit) and
 ``model_final_<sha8>_config.yaml`` (a student config that stock Detectron2 accepts: no
-MODEL.DISTILL keys). AP and training time are read from the run's ``metrics.json`` (or
+MODEL.DISTILL keys); for FCOS also ``model_final_<sha8>_lazy.py``, the LazyConfig stock
+Detectron2 builds it from. AP and training time are read from the run's ``metrics.json`` (or
 ``eval_results.json``) next to the checkpoint when present.
 """
 
@@ -25,12 +27,13 @@ from pathlib import Path
 import tbd
 from tbd.checkpoint import ReleaseError, export_student
 from tbd.config import load_config
+from tbd.modeling.teacher import stock_meta_architecture
 
 
 def run_metadata(cfg, checkpoint: Path) -> dict:
     meta: dict = {
         "config": None,  # filled with the student config below
-        "student_meta_architecture": "RetinaNet",
+        "student_meta_architecture": stock_meta_architecture(cfg.MODEL.META_ARCHITECTURE),
         "schedule": {"max_iter": cfg.SOLVER.MAX_ITER, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
                      "base_lr": cfg.SOLVER.BASE_LR, "steps": list(cfg.SOLVER.STEPS)},
         "datasets": {"train": list(cfg.DATASETS.TRAIN), "test": list(cfg.DATASETS.TEST)},
@@ -39,7 +42,7 @@ def run_metadata(cfg, checkpoint: Path) -> dict:
         "bbox": None,
         "train_s_per_iter": None,
     }
-    if cfg.MODEL.META_ARCHITECTURE == "DistillMetaArch":
+    if cfg.MODEL.META_ARCHITECTURE != meta["student_meta_architecture"]:  # a distilling one
         t = cfg.MODEL.DISTILL.TEACHER
         meta["teacher"] = {"config": t.CONFIG, "weights": t.WEIGHTS, "opts": list(t.OPTS),
                            "losses": list(cfg.MODEL.DISTILL.LOSSES)}

@@ -6,8 +6,10 @@
 
 Stock means: ``detectron2.config.get_cfg()`` without this project's keys, ``build_model`` and
 ``DetectionCheckpointer`` on the release's own ``*_config.yaml``, COCOEvaluator on the config's
-test set. Like Detectron2's ``TEST.EXPECTED_RESULTS`` check, it fails (exit 1) when AP differs
-from the metadata by more than ``--tolerance`` (default 0.01 AP). Also checks the sha suffix.
+test set. An FCOS release is built from its ``*_lazy.py`` (``LazyConfig.load`` + ``instantiate``:
+stock Detectron2 builds FCOS only from a LazyConfig). Like Detectron2's
+``TEST.EXPECTED_RESULTS`` check, it fails (exit 1) when AP differs from the metadata by more than
+``--tolerance`` (default 0.01 AP). Also checks the sha suffix.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ def main(argv=None) -> int:
     cfg.MODEL.WEIGHTS = str(path)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
+    lazy = path.parent / f"{path.stem}_lazy.py"
+    if lazy.is_file():
+        from detectron2.config import LazyConfig, instantiate
+
+        model = instantiate(LazyConfig.load(str(lazy), "model")).to(cfg.MODEL.DEVICE)
+    else:
+        model = build_model(cfg)
+    model.eval()
     DetectionCheckpointer(model).load(str(path))
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     from detectron2.data import DatasetCatalog
