@@ -61,7 +61,7 @@ def test_harmony_maps_shapes_and_range():
 
 
 def test_non_dense_model_rejected():
-    with pytest.raises(TypeError, match="RetinaNet-type"):
+    with pytest.raises(TypeError, match=r"dense detector \(RetinaNet or FCOS\)"):
         collect_score_iou(torch.nn.Linear(1, 1), [])
 
 

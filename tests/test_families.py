@@ -303,3 +303,21 @@ def test_fcos_release_loads_in_stock_detectron2_with_the_same_ap(tmp_path, tiny_
 
     assert json.loads(release.with_suffix(".json").read_text())["AP"] == pytest.approx(
         res["bbox"]["AP"])
+
+
+def test_harmony_analysis_of_fcos_uses_its_ranking_score():
+    """A constant FCOS (class logit 0.4, centerness logit -1, box sides one stride): every score
+    is sqrt(sigmoid(0.4) * sigmoid(-1)), the score its inference ranks by."""
+    from tbd.analysis import collect_score_iou
+
+    model = build_model(tiny_fcos_cfg())
+    for m in (model.head.cls_score, model.head.bbox_pred, model.head.ctrness):
+        torch.nn.init.zeros_(m.weight)
+        torch.nn.init.zeros_(m.bias)
+    torch.nn.init.constant_(model.head.cls_score.bias, 0.4)
+    torch.nn.init.constant_(model.head.ctrness.bias, -1.0)
+    torch.nn.init.constant_(model.head.bbox_pred.bias, 1.0)
+    scores, ious = collect_score_iou(model.eval(), make_batch(2), iou_thresh=0.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert len(scores) > 0
+    assert scores == pytest.approx(math.sqrt(sig(0.4) * sig(-1.0)), abs=1e-6)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.modeling.meta_arch import RetinaNet
+from detectron2.modeling.meta_arch.fcos import FCOS as StockFCOS
 from detectron2.structures import Boxes, pairwise_iou
 from tqdm import tqdm
 
@@ -44,21 +45,28 @@ class HarmonyStats:
 
 
 def _check_dense(model) -> RetinaNet:
-    if not isinstance(model, RetinaNet):
+    if not isinstance(model, (RetinaNet, StockFCOS)):
         raise TypeError(
-            f"Harmony analysis needs a RetinaNet-type dense detector; got {type(model).__name__}."
+            f"Harmony analysis needs a dense detector (RetinaNet or FCOS); got "
+            f"{type(model).__name__}."
         )
     return model
 
 
 @torch.no_grad()
 def dense_predictions(model: RetinaNet, batched_inputs: list[dict]):
-    """Per-anchor scores [N, R, K] and boxes [N, R, 4] (input-image coordinates), plus anchors."""
+    """Per-anchor scores [N, R, K] and boxes [N, R, 4] (input-image coordinates), plus anchors.
+
+    The scores are those the model ranks its boxes by: sigmoid of the logits for RetinaNet,
+    ``sqrt(p * sigmoid(centerness))`` for FCOS (as HD's s, docs/METHOD.md)."""
     _check_dense(model)
     taps = batch_taps(model, batched_inputs)
     feats, logits, deltas = taps.features, taps.logits, taps.deltas
     anchors = model.anchor_generator(feats)
     probs = DistillInputs.flatten_levels(logits, model.num_classes).float().sigmoid()
+    if taps.centerness is not None:
+        ctr = DistillInputs.flatten_levels(taps.centerness, 1).float().sigmoid()
+        probs = (probs * ctr).sqrt()
     d = DistillInputs.flatten_levels(deltas, 4).float()
     n = d.shape[0]
     a = Boxes.cat(anchors).tensor.unsqueeze(0).expand(n, -1, -1)

@@ -41,8 +41,9 @@ def main(argv=None) -> int:
     if not args.teacher and not cfg.MODEL.WEIGHTS:
         sys.exit("MODEL.WEIGHTS is empty: pass the checkpoint to analyse (MODEL.WEIGHTS <file>).")
     if args.teacher:
-        if cfg.MODEL.META_ARCHITECTURE != "DistillMetaArch":
-            sys.exit("--teacher needs a DistillMetaArch config (MODEL.DISTILL.TEACHER.*).")
+        if cfg.MODEL.META_ARCHITECTURE not in ("DistillMetaArch", "DistillFCOS"):
+            sys.exit("--teacher needs a DistillMetaArch or DistillFCOS config "
+                     "(MODEL.DISTILL.TEACHER.*).")
         model, tcfg, _ = tbd.build_teacher(cfg)
         cfg.INPUT.FORMAT = tcfg.INPUT.FORMAT
     else:  # the student or a stock model, its weights checked key by key
