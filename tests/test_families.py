@@ -188,7 +188,7 @@ def test_fcos_images_without_boxes_are_background(tmp_path):
     batch = make_batch(2, empty=(1,))
     with EventStorage(0):
         losses = model(batch)
-    assert all(math.isfinite(float(v)) for v in losses.values())
+    assert all(math.isfinite(v.item()) for v in losses.values())
     feats = [f for f in model.backbone(model.preprocess_image(batch).tensor).values()]
     anchors = model.anchor_generator(feats)
     labels, _ = model.label_anchors(anchors, [b["instances"] for b in batch])
