@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Distillation demo on the synthetic shapes data (CPU, no downloads, about 11 minutes).
+"""Distillation demo on the synthetic shapes data (CPU, no downloads, about 12 minutes).
 
-Runs the commands a user runs, on the demo's easy task (64x64 images, ``tbd_demo_*``):
+Runs the commands a user runs, on the demo's easy task (64x64 images, ``tbd_demo_*``), with FCOS
+detectors (``configs/demo/fcos_*``):
 
 1. checks the shipped teacher (projects/TBD/demo_teacher/, sha256 against its SHA256 file);
-2. trains the baseline student (``retinanet_R50w8_FPN32_student.yaml``) for ``--iters``;
+2. trains the baseline student (``fcos_R50w8_FPN32_student.yaml``) for ``--iters``;
 3. distils a TBD student from the teacher, same schedule and seed;
 4. evaluates all three with ``train_net.py --eval-only`` on the held-out ``tbd_demo_test``;
 5. prints an AP table and writes ``demo.png``: the three APs as bars, and held-out images with the
@@ -32,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "projects" / "TBD" / "configs" / "demo"
 TRAIN_NET = ROOT / "projects" / "TBD" / "train_net.py"
 TEACHER_DIR = ROOT / "projects" / "TBD" / "demo_teacher"
-TEACHER_CONFIG = CONFIGS / "retinanet_R50w16_FPN64_teacher.yaml"
-STUDENT_CONFIG = CONFIGS / "retinanet_R50w8_FPN32_student.yaml"
-TBD_CONFIG = CONFIGS / "tbd_R50w16_to_R50w8.yaml"
+TEACHER_CONFIG = CONFIGS / "fcos_R50w16_FPN64_teacher.yaml"
+STUDENT_CONFIG = CONFIGS / "fcos_R50w8_FPN32_student.yaml"
+TBD_CONFIG = CONFIGS / "tbd_fcos_R50w16_to_R50w8.yaml"
 RECREATE = "python projects/TBD/tools/make_demo_teacher.py"
 
 
