@@ -415,7 +415,8 @@ class DistillMixin:
 
 @META_ARCH_REGISTRY.register()
 class DistillMetaArch(DistillMixin, RetinaNet):
-    """RetinaNet student + frozen RetinaNet-type teacher + distillers (TBD = HD + TFD)."""
+    """RetinaNet student + frozen teacher (RetinaNet, FCOS or Faster R-CNN, as each distiller's
+    needs allow) + distillers (TBD = HD + TFD)."""
 
     stock_architecture = "RetinaNet"
 
