@@ -232,10 +232,31 @@ def main(argv=None) -> None:
     specs = label_by_opts(run_specs(profile, tuple(args.methods), not args.no_ablations),
                           args.opts)
     done: dict[int, dict] = {}
-    # runs finished by earlier invocations first (they only read their rows), so that results.md
-    # lists all of them from the start; then the rest in seed-major order (a stable sort)
-    order = sorted(range(len(specs)),
-                   key=lambda i: not (runs / f"{run_name(specs[i])}.json").is_file())
+
+    def report() -> list[dict]:
+        """results.json/.md and the plot of the runs done so far (incremental)."""
+        table = rows[:1] + [done[i] for i in sorted(done)]
+        agg = aggregate(table)
+        settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
+        calls = record_invocation(runs, started, time.time() - t0, len(done), commit)
+        settings["invocations"] = len(calls)
+        settings["wall_minutes_all_invocations"] = round(
+            sum(c["wall_s"] for c in calls) / 60, 1)
+        settings["complete"] = len(done) == len(specs)
+        write_results(out, "accuracy", settings, table, markdown(agg, settings,
+                                                                 pooled_std(table)), commit)
+        plot(agg, out / "accuracy.png")
+        return table
+
+    # runs finished by earlier invocations are read first, before any training, so that the
+    # first results.md lists all of them; then the rest in seed-major order
+    finished = [i for i in range(len(specs))
+                if (runs / f"{run_name(specs[i])}.json").is_file()]
+    for i in finished:
+        done[i] = train_student(specs[i], args, profile, runs)  # reads its recorded row
+    if finished:
+        rows = report()
+    order = [i for i in range(len(specs)) if i not in done]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(train_student, specs[i], args, profile, runs): i for i in order}
         errors = []
@@ -249,17 +270,7 @@ def main(argv=None) -> None:
                 print(f"{errors[-1][0]} failed; the benchmark stops after the runs in progress",
                       flush=True)
                 pool.shutdown(wait=False, cancel_futures=True)
-            rows = rows[:1] + [done[i] for i in sorted(done)]
-            agg = aggregate(rows)
-            settings["wall_minutes_this_invocation"] = round((time.time() - t0) / 60, 1)
-            calls = record_invocation(runs, started, time.time() - t0, len(done), commit)
-            settings["invocations"] = len(calls)
-            settings["wall_minutes_all_invocations"] = round(
-                sum(c["wall_s"] for c in calls) / 60, 1)
-            settings["complete"] = len(done) == len(specs)
-            md = markdown(agg, settings, pooled_std(rows))
-            write_results(out, "accuracy", settings, rows, md, commit)  # incremental
-            plot(agg, out / "accuracy.png")
+            rows = report()
     if errors:
         raise RuntimeError(f"{len(errors)} run(s) failed: {', '.join(n for n, _ in errors)}; "
                            "see their logs in the work dir") from errors[0][1]
