@@ -291,6 +291,12 @@ _DEMO_TASK = dict(image_size=64, max_objects=3, min_size=12, max_size=40, max_cl
 DEFAULT_SPLITS.update({
     "tbd_demo_train": dict(num_images=2000, seed=20, **_DEMO_TASK),
     "tbd_demo_test": dict(num_images=200, seed=21, **_DEMO_TASK),
+    # The accuracy benchmark v2 (projects/TBD/benchmarks/protocols/): it trains on
+    # tbd_demo_train, makes every choice on tbd_bench_tune and reports on tbd_bench_test. Their
+    # own seeds: no image is shared with the demo's splits, whose test split was looked at while
+    # the demo was set up.
+    "tbd_bench_tune": dict(num_images=500, seed=22, **_DEMO_TASK),
+    "tbd_bench_test": dict(num_images=500, seed=23, **_DEMO_TASK),
 })
 
 

@@ -1,0 +1,418 @@
+#!/usr/bin/env python
+"""Accuracy benchmark v2: converged students, a tune split for every choice, a test split for the
+report, equal tuning per distiller, paired seeds.
+
+    .venv/bin/python projects/TBD/benchmarks/accuracy_v2.py \\
+        --protocol projects/TBD/benchmarks/protocols/accuracy_v2_cpu.yaml --jobs 2
+
+Everything the benchmark decides is in its protocol file (committed before the main runs; its
+sha256 is recorded in every result): the pair, the splits, the schedule, the tuning grid, the
+seeds, the failure rule and the statistics. The phases run in order, each only when the one
+before it is complete:
+
+1. ``calibrate``: the baseline student on the schedule, evaluated on ``tune`` at
+   ``schedule.eval_points`` checkpoints; the schedule passes when the last quarter gains less than
+   ``calibration.max_last_quarter_gain`` AP, else the next ``calibration.ladder`` entry is tried.
+2. ``tune``: every distiller once per loss-weight multiplier (the tune seed), evaluated on
+   ``tune``; each method's choice is frozen in ``choices.json``.
+3. ``test``: the teacher and every method at its choice, every test seed, evaluated once on
+   ``test`` (with the harmony analysis).
+
+Every run is a ``train_net.py`` subprocess in ``--work-dir`` with periodic checkpoints: an
+interrupted run resumes from its last checkpoint (``--resume``, exact), finished runs are kept
+(one json each) and skipped, so the benchmark continues across sittings. ``results.json``,
+``results.md`` and the charts in ``--output`` are rewritten after every finished run and say
+whether the table is complete. ``--phase report`` only rewrites them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from tqdm import tqdm
+
+from tbd_benchmarks.accuracy_v2_stats import calibration_verdict, choose_multiplier
+from tbd_benchmarks.common import (
+    ROOT,
+    eval_bbox,
+    git_commit,
+    log_beside,
+    model_gflops,
+    run_logged,
+)
+from tbd_benchmarks.logs import METRICS, divergence, infer_time, last_eval
+
+REQUIRED = {
+    "name": str, "claim": bool, "teacher": dict, "student": dict, "splits": dict,
+    "schedule": dict, "calibration": dict, "tuning": dict, "methods": list, "reference": str,
+    "test": dict, "failure": dict, "statistics": dict, "deviations": list,
+}
+SUBKEYS = {
+    "teacher": ["config", "weights"], "student": ["config", "distill_architecture"],
+    "splits": ["train", "tune", "test"],
+    "schedule": ["iters", "lr_step", "gamma", "warmup_iters", "eval_points"],
+    "calibration": ["ladder", "max_last_quarter_gain"], "tuning": ["seed", "multipliers", "tie_ap"],
+    "test": ["seeds"], "failure": ["stalled_below"], "statistics": ["confidence"],
+}
+
+
+class ProtocolError(ValueError):
+    """A protocol file that cannot be run; the message names the file and the key."""
+
+
+def load_protocol(path: str | os.PathLike) -> dict:
+    """The protocol file, checked: every key the benchmark reads exists with the right type."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProtocolError(f"--protocol {path}: no such file.")
+    p = yaml.safe_load(path.read_text()) or {}
+    for key, kind in REQUIRED.items():
+        if not isinstance(p.get(key), kind):
+            raise ProtocolError(f"{path}: key {key!r} is missing or not a {kind.__name__}.")
+    for key, subs in SUBKEYS.items():
+        for sub in subs:
+            if sub not in p[key]:
+                raise ProtocolError(f"{path}: key {key}.{sub} is missing.")
+    names = [m.get("name") for m in p["methods"]]
+    if "baseline" not in names or p["reference"] not in names:
+        raise ProtocolError(f"{path}: methods must include 'baseline' and the reference "
+                            f"{p['reference']!r}; got {names}.")
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"{path}: methods has repeated names {names}.")
+    for m in p["methods"]:
+        if not isinstance(m.get("losses"), list) or (m["name"] == "baseline") != (not m["losses"]):
+            raise ProtocolError(f"{path}: methods entry {m!r}: 'losses' must be a list, empty "
+                                "for the baseline only.")
+    if p["schedule"]["iters"] != p["calibration"]["ladder"][0]:
+        raise ProtocolError(f"{path}: schedule.iters ({p['schedule']['iters']}) must be the first "
+                            f"calibration.ladder entry ({p['calibration']['ladder']}).")
+    if 1.0 not in [float(x) for x in p["tuning"]["multipliers"]]:
+        raise ProtocolError(f"{path}: tuning.multipliers must include 1.0 (the published "
+                            "weights, the sweep's centre).")
+    for split in p["splits"].values():
+        _check_dataset(path, split)
+    for what in ("config", "weights"):
+        if not (ROOT / p["teacher"][what]).is_file():
+            raise ProtocolError(f"{path}: teacher.{what} {p['teacher'][what]} does not exist.")
+    p["file"] = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) \
+        else str(path)
+    p["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return p
+
+
+def _check_dataset(path: Path, name: str) -> None:
+    from tbd.data import register_default_shapes
+
+    register_default_shapes()
+    from detectron2.data import DatasetCatalog
+
+    if name not in DatasetCatalog.list():
+        raise ProtocolError(f"{path}: split {name!r} is not a registered dataset.")
+
+
+# ----------------------------------------------------------------------------------- the runs
+def method_of(protocol: dict, name: str) -> dict:
+    return next(m for m in protocol["methods"] if m["name"] == name)
+
+
+def weight_opts(protocol: dict, losses: list[str], multiplier: float) -> list[str]:
+    """KEY VALUE options that multiply every loss weight of the distillers ``losses`` (their
+    ``loss_keys``) by ``multiplier``, from the values the student config gives them."""
+    from tbd.config import load_config
+    from tbd.distillers import registered_distillers
+    from tbd.distillers.registry import config_value
+
+    cfg = load_config(str(ROOT / protocol["student"]["config"]))
+    classes = registered_distillers()
+    opts = []
+    for name in losses:
+        for key in sorted(set(classes[name].loss_keys.values())):
+            opts += [key, repr(float(config_value(cfg, key)) * multiplier)]
+    return opts
+
+
+def schedule_opts(protocol: dict, iters: int, split: str, curve: bool) -> list[str]:
+    s = protocol["schedule"]
+    period = iters // s["eval_points"]
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * s['lr_step'])},)",
+            "SOLVER.GAMMA", str(s["gamma"]), "SOLVER.WARMUP_ITERS", str(s["warmup_iters"]),
+            # periodic checkpoints: an interrupted run resumes from the last one
+            "SOLVER.CHECKPOINT_PERIOD", str(period), "SOLVER.CHECKPOINT_MAX_TO_KEEP", "1",
+            "TEST.EVAL_PERIOD", str(period if curve else 0),
+            "DATASETS.TRAIN", f"('{protocol['splits']['train']}',)",
+            "DATASETS.TEST", f"('{protocol['splits'][split]}',)"]
+
+
+def run_name(spec: dict) -> str:
+    mult = "" if spec["multiplier"] is None else f"_x{spec['multiplier']:g}"
+    return f"{spec['split']}_{spec['method']}{mult}_s{spec['seed']}_i{spec['iters']}"
+
+
+def train_opts(protocol: dict, spec: dict, out: Path) -> list[str]:
+    opts = ["SEED", str(spec["seed"]),
+            *schedule_opts(protocol, spec["iters"], spec["split"], spec["split"] == "tune"),
+            "OUTPUT_DIR", str(out)]
+    losses = method_of(protocol, spec["method"])["losses"]
+    if losses:
+        opts += ["MODEL.META_ARCHITECTURE", protocol["student"]["distill_architecture"],
+                 "MODEL.DISTILL.LOSSES", repr(list(losses)),
+                 "MODEL.DISTILL.TEACHER.CONFIG", protocol["teacher"]["config"],
+                 "MODEL.DISTILL.TEACHER.WEIGHTS", protocol["teacher"]["weights"],
+                 *weight_opts(protocol, losses, spec["multiplier"])]
+        if "teacher_min_ap" in protocol:
+            opts += ["MODEL.DISTILL.TEACHER.EVAL_MIN_AP", str(protocol["teacher_min_ap"])]
+    return opts + [str(x) for x in method_of(protocol, spec["method"]).get("opts", [])]
+
+
+def curve_of(metrics_json: Path, max_iter: int) -> list[dict]:
+    """Every evaluation of a run: [{"iter": iterations trained, "AP": ...}].
+
+    Detectron2 records a periodic evaluation at the index of the iteration it follows (``k *
+    period - 1``) and the final one at ``max_iter``, hence the ``min``. An evaluation period
+    shorter than the metrics writer's (20) would lose evaluations: only the latest value of a
+    key reaches metrics.json.
+    """
+    out = []
+    for line in metrics_json.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        if "bbox/AP" in r:
+            out.append({"iter": min(r["iteration"] + 1, max_iter), "AP": r["bbox/AP"]})
+    return out
+
+
+class Runner:
+    """Runs (or reads) the protocol's runs in ``work``; ``jobs`` at a time."""
+
+    def __init__(self, protocol: dict, work: Path, jobs: int):
+        self.p, self.work, self.jobs = protocol, work, jobs
+        self.env = {"OMP_NUM_THREADS": "1"} if jobs > 1 else {}
+        work.mkdir(parents=True, exist_ok=True)
+
+    def recorded(self, spec: dict) -> Optional[dict]:
+        path = self.work / f"{run_name(spec)}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def train(self, spec: dict) -> dict:
+        row = self.recorded(spec)
+        if row is not None:
+            return row
+        name, cfg = run_name(spec), str(ROOT / self.p["student"]["config"])
+        out, log = self.work / name, self.work / f"{name}.log"
+        resume = (out / "last_checkpoint").is_file()
+        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", cfg,
+               *(["--resume"] if resume else []), *train_opts(self.p, spec, out)]
+        t0 = time.time()
+        print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if resume else 'training'} {name}",
+              flush=True)
+        if resume and log.is_file():  # keep the interrupted part's log
+            log.rename(self.work / f"{name}.log.{int(t0)}")
+        try:
+            run_logged(cmd, log, self.env)
+        except RuntimeError:
+            reason = divergence(log)
+            if reason is None:
+                raise
+            print(f"[{time.strftime('%H:%M:%S')}] {name} diverged: {reason}", flush=True)
+            row = {**spec, "failed": reason, "wall_s": round(time.time() - t0, 1)}
+            self._write(spec, row)
+            return row
+        row = {**spec, **last_eval(out / "metrics.json"), "curve": curve_of(out / "metrics.json", spec["iters"]),
+               "infer_s_per_image": infer_time(log), "resumed": resume}
+        if spec["split"] == "test":
+            row.update(self.harmony(cfg, str(out / "model_final.pth"), self.work / f"{name}_h",
+                                    train_opts(self.p, spec, out)))
+        row["wall_s"] = round(time.time() - t0, 1)
+        self._write(spec, row)
+        return row
+
+    def _write(self, spec: dict, row: dict) -> None:
+        from tbd.checkpoint import atomic_write_text
+
+        atomic_write_text(str(self.work / f"{run_name(spec)}.json"), json.dumps(row, indent=2))
+
+    def harmony(self, config: str, weights: str, out: Path, opts: list[str],
+                teacher: bool = False) -> dict:
+        cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
+               "--dataset", self.p["splits"]["test"], "--output", str(out),
+               *(["--teacher"] if teacher else []), *opts, "MODEL.WEIGHTS", weights]
+        run_logged(cmd, log_beside(out), self.env)
+        h = json.loads((out / "harmony.json").read_text())
+        return {k: h[k] for k in ("harmonious_proportion", "score_iou_spearman")}
+
+    def teacher(self) -> dict:
+        """The teacher on ``test`` (AP and harmony), once."""
+        spec = {"split": "test", "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}
+        row = self.recorded(spec)
+        if row is not None:
+            return row
+        t, out = self.p["teacher"], self.work / "test_teacher"
+        res = eval_bbox(t["config"], t["weights"], self.p["splits"]["test"], out,
+                        self.work / "test_teacher.log", self.env)
+        row = {**spec, **{k: res.get(k) for k in METRICS},
+               "infer_s_per_image": infer_time(self.work / "test_teacher.log")}
+        row.update(self.harmony(t["config"], t["weights"], self.work / "test_teacher_h", []))
+        self._write(spec, row)
+        return row
+
+    def train_all(self, specs: list[dict], on_done) -> list[dict]:
+        """Train ``specs`` (recorded ones are read first), ``on_done()`` after each."""
+        rows = {i: r for i, s in enumerate(specs) if (r := self.recorded(s)) is not None}
+        todo = [i for i in range(len(specs)) if i not in rows]
+        errors = []
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = {pool.submit(self.train, specs[i]): i for i in todo}
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="Runs", disable=None):
+                if fut.cancelled():
+                    continue
+                try:
+                    rows[futures[fut]] = fut.result()
+                except Exception as e:  # noqa: BLE001 - record the rest, start no more
+                    errors.append((run_name(specs[futures[fut]]), e))
+                    pool.shutdown(wait=False, cancel_futures=True)
+                on_done()
+        if errors:
+            raise RuntimeError(f"{len(errors)} run(s) failed: {[n for n, _ in errors]}; see their "
+                               f"logs in {self.work}") from errors[0][1]
+        return [rows[i] for i in range(len(specs))]
+
+
+# --------------------------------------------------------------------------------- the phases
+def calibration_spec(protocol: dict, iters: int) -> dict:
+    return {"split": "tune", "method": "baseline", "multiplier": None,
+            "seed": protocol["tuning"]["seed"], "iters": iters}
+
+
+def tune_specs(protocol: dict, iters: int) -> list[dict]:
+    """Multiplier-major: every distiller's x1 run comes before any other multiplier's."""
+    mults = sorted(protocol["tuning"]["multipliers"], key=lambda m: (m != 1.0, m))
+    return [{"split": "tune", "method": m["name"], "multiplier": float(x),
+             "seed": protocol["tuning"]["seed"], "iters": iters}
+            for x in mults for m in protocol["methods"] if m["losses"]]
+
+
+def test_specs(protocol: dict, iters: int, choices: dict[str, float]) -> list[dict]:
+    """Seed-major: every method's seed-0 run comes before any seed-1 run."""
+    return [{"split": "test", "method": m["name"], "seed": s, "iters": iters,
+             "multiplier": None if not m["losses"] else choices[m["name"]]}
+            for s in protocol["test"]["seeds"] for m in protocol["methods"]]
+
+
+def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
+    """Each distiller's chosen multiplier from its tune runs (failed runs are never chosen)."""
+    base = [r for r in tune_rows if r["method"] == "baseline" and r.get("AP") is not None]
+    floor = protocol["failure"]["stalled_below"] * base[0]["AP"] if base else None
+    out = {}
+    for m in protocol["methods"]:
+        if not m["losses"]:
+            continue
+        res = {r["multiplier"]: (None if r.get("failed") or r.get("AP") is None
+                                 or (floor is not None and r["AP"] < floor) else r["AP"])
+               for r in tune_rows if r["method"] == m["name"]}
+        out[m["name"]] = choose_multiplier(res, protocol["tuning"]["tie_ap"])
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--protocol", required=True, help="the pre-registered protocol file (yaml)")
+    p.add_argument("--phase", choices=["calibrate", "tune", "test", "all", "report"],
+                   default="all", help="run the phases up to this one (default: all); 'report' "
+                   "only rewrites the results from the recorded runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each then gets "
+                   "OMP_NUM_THREADS=1)")
+    p.add_argument("--output", default=None, help="results folder (committed); default "
+                   "projects/TBD/benchmarks/results/<protocol name>")
+    p.add_argument("--work-dir", default=None, help="runs, logs, checkpoints (not committed); "
+                   "default output/benchmarks/<protocol name>")
+    args = p.parse_args(argv)
+    try:
+        protocol = load_protocol(args.protocol)
+    except ProtocolError as e:
+        sys.exit(str(e))
+    name = protocol["name"]
+    out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / name)
+    runner = Runner(protocol, Path(args.work_dir or ROOT / "output/benchmarks" / name), args.jobs)
+    from tbd_benchmarks.accuracy import record_invocation
+    from tbd_benchmarks.accuracy_v2_report import write_report
+
+    t0, started, commit = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
+    state: dict = {"calibration": [], "tune": [], "test": [], "teacher": None, "choices": None}
+
+    def report() -> None:
+        calls = record_invocation(runner.work, started, time.time() - t0,
+                                  sum(len(state[k]) for k in ("tune", "test")), commit)
+        write_report(out, protocol, state, runner, calls, commit,
+                     model_gflops_of=lambda c: model_gflops(c, 64))
+
+    # 1. calibration: the first schedule of the ladder whose baseline curve is flat
+    iters = None
+    for n in protocol["calibration"]["ladder"]:
+        spec = calibration_spec(protocol, n)
+        row = runner.recorded(spec)
+        if row is None and args.phase == "report":
+            break
+        row = row or runner.train(spec)
+        verdict = calibration_verdict(row.get("curve", []), n,
+                                      protocol["calibration"]["max_last_quarter_gain"])
+        state["calibration"].append({**verdict, "run": run_name(spec)})
+        report()
+        if verdict["converged"]:
+            iters = n
+            break
+    if iters is None:
+        report()
+        msg = ("no schedule of calibration.ladder passed the convergence check: no main runs"
+               if len(state["calibration"]) == len(protocol["calibration"]["ladder"]) else
+               "the calibration is not complete")
+        print(f"{msg}; results in {out}", flush=True)
+        return
+    if args.phase == "calibrate":
+        return
+
+    # 2. tuning: all on `tune`, the choices frozen once every tune run exists
+    specs = tune_specs(protocol, iters)
+    base_row = runner.recorded(calibration_spec(protocol, iters))
+    if args.phase == "report":
+        state["tune"] = [base_row] + [r for s in specs if (r := runner.recorded(s))]
+    else:
+        state["tune"] = [base_row] + runner.train_all(
+            specs, lambda: (state.__setitem__("tune", [base_row] + [
+                r for s in specs if (r := runner.recorded(s))]), report()))
+    if len(state["tune"]) < len(specs) + 1:
+        report()
+        return
+    choices_path = runner.work / "choices.json"
+    state["choices"] = choices_of(protocol, state["tune"])
+    if choices_path.is_file() and json.loads(choices_path.read_text()) != state["choices"]:
+        sys.exit(f"{choices_path}: the frozen choices differ from the tune runs' "
+                 f"({state['choices']}); the work dir was changed by hand.")
+    choices_path.write_text(json.dumps(state["choices"], indent=2))
+    report()
+    if args.phase == "tune":
+        return
+
+    # 3. test: the teacher, then every method at its choice, seed-major
+    specs = test_specs(protocol, iters, state["choices"])
+    if args.phase == "report":
+        state["teacher"] = runner.recorded({"split": "test", "method": "teacher",
+                                            "multiplier": None, "seed": 0, "iters": 0})
+        state["test"] = [r for s in specs if (r := runner.recorded(s))]
+    else:
+        state["teacher"] = runner.teacher()
+        state["test"] = runner.train_all(
+            specs, lambda: (state.__setitem__("test", [r for s in specs
+                                                       if (r := runner.recorded(s))]), report()))
+    report()
+
+
+if __name__ == "__main__":
+    main()
