@@ -7,16 +7,20 @@ report, equal tuning per distiller, paired seeds.
 
 Everything the benchmark decides is in its protocol file (committed before the main runs; its
 sha256 is recorded in every result): the pair, the splits, the schedule, the tuning grid, the
-seeds, the failure rule and the statistics. The phases run in order, each only when the one
-before it is complete:
+seeds, the failure rule and the statistics.
 
-1. ``calibrate``: the baseline student on the schedule, evaluated on ``tune`` at
+1. Calibration: the baseline student on the schedule, evaluated on ``tune`` at
    ``schedule.eval_points`` checkpoints; the schedule passes when the last quarter gains less than
    ``calibration.max_last_quarter_gain`` AP, else the next ``calibration.ladder`` entry is tried.
-2. ``tune``: every distiller once per loss-weight multiplier (the tune seed), evaluated on
-   ``tune``; each method's choice is frozen in ``choices.json``.
-3. ``test``: the teacher and every method at its choice, every test seed, evaluated once on
-   ``test`` (with the harmony analysis).
+   No other run starts before a schedule passes (``--phase calibrate`` stops here).
+2. Tuning: each distiller once per loss-weight multiplier (the tune seed), evaluated on
+   ``tune``; its choice is frozen in ``choices.json`` before any of its test runs.
+3. Test: the teacher and every method at its choice, every test seed, evaluated once on ``test``
+   (with the harmony analysis).
+
+Tuning and test runs go in stages (``stages``): TBD's tune runs beside the baseline's test runs,
+then TBD's test runs beside the next method's tune runs, and so on, so the first answer comes
+early and each method's row completes in turn.
 
 Every run is a ``train_net.py`` subprocess in ``--work-dir`` with periodic checkpoints: an
 interrupted run resumes from its last checkpoint (``--resume``, exact), finished runs are kept
@@ -225,7 +229,8 @@ class Runner:
             row = {**spec, "failed": reason, "wall_s": round(time.time() - t0, 1)}
             self._write(spec, row)
             return row
-        row = {**spec, **last_eval(out / "metrics.json"), "curve": curve_of(out / "metrics.json", spec["iters"]),
+        row = {**spec, **last_eval(out / "metrics.json"),
+               "curve": curve_of(out / "metrics.json", spec["iters"]),
                "infer_s_per_image": infer_time(log), "resumed": resume}
         if spec["split"] == "test":
             row.update(self.harmony(cfg, str(out / "model_final.pth"), self.work / f"{name}_h",
@@ -291,19 +296,42 @@ def calibration_spec(protocol: dict, iters: int) -> dict:
             "seed": protocol["tuning"]["seed"], "iters": iters}
 
 
-def tune_specs(protocol: dict, iters: int) -> list[dict]:
-    """Multiplier-major: every distiller's x1 run comes before any other multiplier's."""
+def tune_specs(protocol: dict, iters: int, methods: Optional[list[str]] = None) -> list[dict]:
+    """The tune runs of ``methods`` (default: every distilled method), multiplier-major: every
+    x1 run comes before any other multiplier's."""
     mults = sorted(protocol["tuning"]["multipliers"], key=lambda m: (m != 1.0, m))
-    return [{"split": "tune", "method": m["name"], "multiplier": float(x),
-             "seed": protocol["tuning"]["seed"], "iters": iters}
-            for x in mults for m in protocol["methods"] if m["losses"]]
+    names = methods or [m["name"] for m in protocol["methods"] if m["losses"]]
+    return [{"split": "tune", "method": m, "multiplier": float(x),
+             "seed": protocol["tuning"]["seed"], "iters": iters} for x in mults for m in names]
 
 
-def test_specs(protocol: dict, iters: int, choices: dict[str, float]) -> list[dict]:
-    """Seed-major: every method's seed-0 run comes before any seed-1 run."""
-    return [{"split": "test", "method": m["name"], "seed": s, "iters": iters,
-             "multiplier": None if not m["losses"] else choices[m["name"]]}
-            for s in protocol["test"]["seeds"] for m in protocol["methods"]]
+def test_specs(protocol: dict, iters: int, choices: dict[str, float],
+               methods: Optional[list[str]] = None) -> list[dict]:
+    """The test runs of ``methods`` (default: all) at their chosen multipliers, seed-major:
+    every method's seed-0 run comes before any seed-1 run."""
+    names = methods or [m["name"] for m in protocol["methods"]]
+    return [{"split": "test", "method": m, "seed": s, "iters": iters,
+             "multiplier": None if not method_of(protocol, m)["losses"] else choices[m]}
+            for s in protocol["test"]["seeds"] for m in names]
+
+
+def stages(protocol: dict) -> list[list[tuple[str, str]]]:
+    """The order of the main runs, as stages of ("tune" | "test", method); a stage's runs
+    depend only on earlier stages, and run ``--jobs`` at a time.
+
+    The first distilled method (TBD) is tuned beside the baseline's test runs (they need no
+    choice), then its test runs give the first answer while the next method is tuned, and so on:
+    each method's row completes in turn. A method's choice depends only on its own tune runs, so
+    freezing it before the other methods are tuned changes nothing.
+    """
+    distilled = [m["name"] for m in protocol["methods"] if m["losses"]]
+    out = [[("tune", distilled[0]), ("test", "baseline")]]
+    for i, m in enumerate(distilled):
+        stage = [("test", m)]
+        if i + 1 < len(distilled):
+            stage.append(("tune", distilled[i + 1]))
+        out.append(stage)
+    return out
 
 
 def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
@@ -324,9 +352,9 @@ def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--protocol", required=True, help="the pre-registered protocol file (yaml)")
-    p.add_argument("--phase", choices=["calibrate", "tune", "test", "all", "report"],
-                   default="all", help="run the phases up to this one (default: all); 'report' "
-                   "only rewrites the results from the recorded runs")
+    p.add_argument("--phase", choices=["calibrate", "all", "report"], default="all",
+                   help="'calibrate': only the schedule check; 'all' (default): every run; "
+                   "'report': only rewrite the results from the recorded runs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each then gets "
                    "OMP_NUM_THREADS=1)")
     p.add_argument("--output", default=None, help="results folder (committed); default "
@@ -378,40 +406,48 @@ def main(argv=None) -> None:
     if args.phase == "calibrate":
         return
 
-    # 2. tuning: all on `tune`, the choices frozen once every tune run exists
-    specs = tune_specs(protocol, iters)
+    # 2 and 3: per method its tune runs, its frozen choice, its test runs (``stages``)
     base_row = runner.recorded(calibration_spec(protocol, iters))
+    all_tune = tune_specs(protocol, iters)
+    choices_path = runner.work / "choices.json"
+    choices = json.loads(choices_path.read_text()) if choices_path.is_file() else {}
+
+    def refresh() -> None:
+        state["tune"] = [base_row] + [r for s in all_tune if (r := runner.recorded(s))]
+        state["choices"] = dict(choices)
+        tested = [m for m in methods if m == "baseline" or m in choices]
+        state["test"] = [r for s in test_specs(protocol, iters, choices, tested)
+                         if (r := runner.recorded(s))]
+
+    def freeze(method: str) -> None:
+        rows = [base_row] + [r for s in tune_specs(protocol, iters, [method])
+                             if (r := runner.recorded(s))]
+        chosen = choices_of(protocol, rows)[method]
+        if choices.get(method, chosen) != chosen:
+            sys.exit(f"{choices_path}: the frozen choice of {method} ({choices[method]}) differs "
+                     f"from its tune runs' ({chosen}); the work dir was changed by hand.")
+        choices[method] = chosen
+        choices_path.write_text(json.dumps(choices, indent=2))
+
+    methods = [m["name"] for m in protocol["methods"]]
+    state["teacher"] = runner.recorded({"split": "test", "method": "teacher",
+                                        "multiplier": None, "seed": 0, "iters": 0})
+    refresh()
     if args.phase == "report":
-        state["tune"] = [base_row] + [r for s in specs if (r := runner.recorded(s))]
-    else:
-        state["tune"] = [base_row] + runner.train_all(
-            specs, lambda: (state.__setitem__("tune", [base_row] + [
-                r for s in specs if (r := runner.recorded(s))]), report()))
-    if len(state["tune"]) < len(specs) + 1:
         report()
         return
-    choices_path = runner.work / "choices.json"
-    state["choices"] = choices_of(protocol, state["tune"])
-    if choices_path.is_file() and json.loads(choices_path.read_text()) != state["choices"]:
-        sys.exit(f"{choices_path}: the frozen choices differ from the tune runs' "
-                 f"({state['choices']}); the work dir was changed by hand.")
-    choices_path.write_text(json.dumps(state["choices"], indent=2))
-    report()
-    if args.phase == "tune":
-        return
-
-    # 3. test: the teacher, then every method at its choice, seed-major
-    specs = test_specs(protocol, iters, state["choices"])
-    if args.phase == "report":
-        state["teacher"] = runner.recorded({"split": "test", "method": "teacher",
-                                            "multiplier": None, "seed": 0, "iters": 0})
-        state["test"] = [r for s in specs if (r := runner.recorded(s))]
-    else:
-        state["teacher"] = runner.teacher()
-        state["test"] = runner.train_all(
-            specs, lambda: (state.__setitem__("test", [r for s in specs
-                                                       if (r := runner.recorded(s))]), report()))
-    report()
+    state["teacher"] = runner.teacher()
+    for stage in stages(protocol):
+        tests = [m for kind, m in stage if kind == "test"]
+        tunes = [m for kind, m in stage if kind == "tune"]
+        # tune runs first: the next stage waits for them, not for the test runs
+        specs = (tune_specs(protocol, iters, tunes) if tunes else []) \
+            + (test_specs(protocol, iters, choices, tests) if tests else [])
+        runner.train_all(specs, lambda: (refresh(), report()))
+        for m in tunes:
+            freeze(m)
+        refresh()
+        report()
 
 
 if __name__ == "__main__":

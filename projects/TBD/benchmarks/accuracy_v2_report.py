@@ -36,6 +36,10 @@ def _fmt(v, digits: int = 1, scale: float = 1.0) -> str:
     return "n/a" if v is None else f"{v * scale:.{digits}f}"
 
 
+def _mean_std(mean, std) -> str:
+    return _fmt(mean) + ("" if std is None else f" ± {std:.1f}")
+
+
 def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> str:
     lines = [f"# Accuracy benchmark v2: `{protocol['name']}`", "",
              f"Protocol: `{protocol['file']}` (sha256 `{protocol['sha256'][:12]}`), "
@@ -90,8 +94,8 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
             weights = "" if t["multiplier"] is None else f"x{t['multiplier']:g}"
             lines.append(
                 f"| {t['method']} | {weights} "
-                f"| {t['runs']} | {_fmt(t['AP_mean'])} ± {_fmt(t['AP_std'])} | "
-                f"{_fmt(t['AP_mean_ok'])} ± {_fmt(t['AP_std_ok'])} | {diff} | {verdict} | "
+                f"| {t['runs']} | {_mean_std(t['AP_mean'], t['AP_std'])} | "
+                f"{_mean_std(t['AP_mean_ok'], t['AP_std_ok'])} | {diff} | {verdict} | "
                 f"{t['failures']}/{t['runs']} [{lo:.2f}, {hi:.2f}] | "
                 f"{_fmt(t['harmonious_proportion'], 1, 100)} | "
                 f"{_fmt(t['score_iou_spearman'], 3)} |")
@@ -101,6 +105,11 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                   f"{cost['teacher']['gflops']:.3f} GFLOPs per 64x64 image; student "
                   f"{cost['student']['params_M']:.2f} M, {cost['student']['gflops']:.3f} GFLOPs "
                   "(fvcore, inference forward without post-processing)."]
+        infer = settings.get("infer_ms")
+        if infer:
+            lines[-1] += (" Inference time (Detectron2's evaluator on the test split, forward "
+                          "and post-processing, per image): " + ", ".join(
+                              f"{k} {v:.1f} ms" for k, v in infer.items()) + ".")
     lines += ["", f"Wall time: {settings['wall_minutes_all_invocations']} min over "
               f"{settings['invocations']} invocation(s)."]
     return "\n".join(lines) + "\n"
@@ -203,6 +212,13 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
         "wall_minutes_all_invocations": round(sum(c["wall_s"] for c in calls) / 60, 1),
         "jobs": runner.jobs, "cost": _cost(protocol, runner.work, model_gflops_of),
     }
+    infer = {}
+    for who, rs in (("teacher", [state.get("teacher") or {}]),
+                    ("baseline student", [r for r in test if r["method"] == "baseline"])):
+        times = [r["infer_s_per_image"] for r in rs if r.get("infer_s_per_image")]
+        if times:
+            infer[who] = 1000 * sorted(times)[len(times) // 2]
+    settings["infer_ms"] = infer
     rows = [*cal_rows, *[r for r in state["tune"][1:] if r],
             *([state["teacher"]] if state.get("teacher") else []), *test]
     md = markdown(protocol, state, {**settings, "calibration_rows": cal_rows}, table)

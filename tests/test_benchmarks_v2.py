@@ -1,0 +1,315 @@
+"""The accuracy benchmark v2: its protocol files, decisions and statistics, checked by hand, and
+its runner's bookkeeping (resume, recorded runs, divergences) with a fake ``train_net.py``."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tbd_benchmarks import accuracy_v2 as v2
+from tbd_benchmarks import accuracy_v2_stats as st
+
+from .conftest import ROOT
+
+PROTOCOLS = ROOT / "projects/TBD/benchmarks/protocols"
+
+
+def curve(points: dict[int, float]) -> list[dict]:
+    return [{"iter": i, "AP": ap} for i, ap in points.items()]
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_last_quarter_gain_reads_the_end_against_three_quarters():
+    c = curve({1000: 10.0, 2000: 20.0, 4000: 28.0, 6000: 30.0, 7000: 30.2, 8000: 30.4})
+    assert st.last_quarter_gain(c, 8000) == pytest.approx(0.4)  # 30.4 - 30.0 (at 6000)
+    # no evaluation exactly at 3/4: the last one before it
+    c = curve({1000: 10.0, 5000: 29.0, 7000: 30.0, 8000: 31.0})
+    assert st.last_quarter_gain(c, 8000) == pytest.approx(2.0)  # 31 - 29 (at 5000)
+    assert st.last_quarter_gain(curve({1000: 1.0, 6000: 2.0}), 8000) is None  # no final point
+
+
+def test_calibration_verdict_needs_five_points_and_a_flat_last_quarter():
+    flat = curve({1000: 5.0, 2000: 15.0, 4000: 25.0, 6000: 30.0, 8000: 30.4})
+    assert st.calibration_verdict(flat, 8000, 0.5)["converged"]
+    rising = curve({1000: 5.0, 2000: 15.0, 4000: 25.0, 6000: 30.0, 8000: 30.6})
+    v = st.calibration_verdict(rising, 8000, 0.5)
+    assert not v["converged"] and v["last_quarter_gain"] == pytest.approx(0.6)
+    four = curve({2000: 15.0, 4000: 25.0, 6000: 30.0, 8000: 30.1})
+    assert not st.calibration_verdict(four, 8000, 0.5)["converged"]
+
+
+# ------------------------------------------------------------------------------ tuning choice
+def test_choose_multiplier_best_then_closest_to_one():
+    assert st.choose_multiplier({0.5: 30.0, 1.0: 29.0, 2.0: 28.0}, 0.1) == 0.5
+    # 0.5 and 2 are within 0.1 of the best (1.0 is not): equally far from 1, the smaller wins
+    assert st.choose_multiplier({0.5: 31.0, 1.0: 30.0, 2.0: 30.95}, 0.1) == 0.5
+    # 1.0 within the tie margin of the best: the published weights stay
+    assert st.choose_multiplier({0.5: 30.05, 1.0: 30.0, 2.0: 29.0}, 0.1) == 1.0
+    # a failed run (None) is never chosen, even if the others are worse
+    assert st.choose_multiplier({0.5: None, 1.0: 10.0, 2.0: 11.0}, 0.1) == 2.0
+    with pytest.raises(ValueError, match="every tuning run failed"):
+        st.choose_multiplier({1.0: None, 2.0: None}, 0.1)
+
+
+def test_choices_of_never_picks_a_stalled_tune_run():
+    protocol = yaml.safe_load((PROTOCOLS / "accuracy_v2_smoke.yaml").read_text())
+    protocol["methods"].append({"name": "fgd", "losses": ["FGD"]})
+    rows = [{"method": "baseline", "multiplier": None, "AP": 20.0},
+            {"method": "tbd", "multiplier": 1.0, "AP": 21.0},
+            {"method": "tbd", "multiplier": 2.0, "AP": 9.0},  # below 0.5 x 20: stalled
+            {"method": "fgd", "multiplier": 1.0, "failed": "loss is nan"},
+            {"method": "fgd", "multiplier": 2.0, "AP": 12.0}]
+    assert v2.choices_of(protocol, rows) == {"tbd": 1.0, "fgd": 2.0}
+
+
+# ---------------------------------------------------------------------------------- statistics
+def test_paired_difference_three_seeds_by_hand():
+    # d = (1, 2, 1): mean 4/3, sd sqrt(1/3), sem 1/3, t(0.975, 2) = 4.3027 (t table)
+    d = st.paired_difference({0: 10.0, 1: 12.0, 2: 11.0, 7: 50.0}, {0: 9.0, 1: 10.0, 2: 10.0},
+                             0.95)
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3  # seed 7 has no pair: left out
+    assert d["mean"] == pytest.approx(4 / 3)
+    assert d["low"] == pytest.approx(4 / 3 - 4.3027 / 3, abs=1e-3)
+    assert d["high"] == pytest.approx(4 / 3 + 4.3027 / 3, abs=1e-3)
+    assert d["verdict"] == "inconclusive"  # the interval holds 0
+
+
+def test_paired_difference_five_seeds_excludes_zero():
+    # d = (1, 1.2, 0.8, 1.1, 0.9): mean 1, sd sqrt(0.025), sem sqrt(0.005), t(0.975, 4) = 2.7764
+    a = {s: 20.0 + x for s, x in enumerate([1, 1.2, 0.8, 1.1, 0.9])}
+    d = st.paired_difference(a, {s: 20.0 for s in range(5)}, 0.95)
+    half = 2.7764 * math.sqrt(0.005)
+    assert d["mean"] == pytest.approx(1.0)
+    assert (d["low"], d["high"]) == pytest.approx((1 - half, 1 + half), abs=1e-3)
+    assert d["verdict"] == "above"
+    assert st.paired_difference({s: 20.0 for s in range(5)}, a, 0.95)["verdict"] == "below"
+    one = st.paired_difference({0: 1.0}, {0: 0.0}, 0.95)
+    assert one["low"] is None and one["verdict"] == "inconclusive"
+
+
+def test_failure_interval_is_clopper_pearson():
+    # 0 of 5: [0, 1 - 0.025^(1/5)]; 5 of 5: [0.025^(1/5), 1]
+    assert st.failure_interval(0, 5, 0.95) == pytest.approx((0.0, 1 - 0.025 ** 0.2))
+    assert st.failure_interval(5, 5, 0.95) == pytest.approx((0.025 ** 0.2, 1.0))
+    # 1 of 10 (the published exact interval, 0.0025 to 0.4450)
+    lo, hi = st.failure_interval(1, 10, 0.95)
+    assert lo == pytest.approx(0.00253, abs=1e-4) and hi == pytest.approx(0.44502, abs=1e-4)
+
+
+def test_summarise_counts_failures_and_pairs_by_seed():
+    rows = [{"method": "baseline", "seed": s, "AP": ap} for s, ap in enumerate([20, 22, 21])]
+    rows += [{"method": "tbd", "seed": 0, "AP": 25.0}, {"method": "tbd", "seed": 1, "AP": 5.0},
+             {"method": "tbd", "seed": 2, "failed": "loss is nan", "multiplier": 1.0}]
+    for r in rows[3:5]:
+        r["multiplier"] = 1.0
+    table = st.summarise(rows, ["baseline", "tbd"], "tbd", 0.5, 0.95)
+    base, tbd = table
+    assert [r["status"] for r in rows] == ["ok"] * 3 + ["ok", "stalled", "diverged"]
+    assert tbd["failures"] == 2 and tbd["runs"] == 3
+    assert tbd["AP_mean"] == pytest.approx(15.0)  # both runs with an AP (25, 5)
+    assert tbd["AP_mean_ok"] == pytest.approx(25.0) and tbd["AP_std_ok"] is None
+    assert base["AP_mean"] == pytest.approx(21.0) and base["AP_std"] == pytest.approx(1.0)
+    # baseline - tbd on seeds 0 and 1 (seed 2 has no AP): (20 - 25, 22 - 5) = (-5, 17)
+    assert base["vs_reference"]["seeds"] == [0, 1]
+    assert base["vs_reference"]["mean"] == pytest.approx(6.0)
+    assert tbd["vs_reference"] is None
+
+
+# ------------------------------------------------------------------------------ the protocol
+@pytest.mark.parametrize("name", ["accuracy_v2_cpu.yaml", "accuracy_v2_smoke.yaml"])
+def test_committed_protocols_load(name):
+    p = v2.load_protocol(PROTOCOLS / name)
+    assert p["file"] == f"projects/TBD/benchmarks/protocols/{name}"
+    assert len(p["sha256"]) == 64
+    assert len({p["splits"][k] for k in ("train", "tune", "test")}) == 3
+
+
+def test_main_protocol_is_the_one_the_issue_asks_for():
+    p = v2.load_protocol(PROTOCOLS / "accuracy_v2_cpu.yaml")
+    assert p["claim"] and len(p["test"]["seeds"]) >= 5
+    assert [m["name"] for m in p["methods"]][:2] == ["baseline", "tbd"]
+    assert {"pkd", "mgd", "crosskd", "fgd", "frs"} <= {m["name"] for m in p["methods"]}
+    from tbd.data.shapes import DEFAULT_SPLITS
+
+    seeds = [DEFAULT_SPLITS[p["splits"][k]]["seed"] for k in ("train", "tune", "test")]
+    assert len(set(seeds)) == 3 and DEFAULT_SPLITS["tbd_demo_test"]["seed"] not in seeds
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("tuning"), "key 'tuning' is missing"),
+    (lambda p: p["schedule"].pop("lr_step"), "schedule.lr_step is missing"),
+    (lambda p: p.update(reference="nope"), "the reference 'nope'"),
+    (lambda p: p["tuning"].update(multipliers=[0.5, 2.0]), "must include 1.0"),
+    (lambda p: p["splits"].update(tune="no_such_split"), "'no_such_split' is not a registered"),
+    (lambda p: p["calibration"].update(ladder=[50, 100]), "first calibration.ladder entry"),
+    (lambda p: p["methods"].append({"name": "x", "losses": []}), "empty for the baseline only"),
+])
+def test_bad_protocols_are_refused_naming_the_key(tmp_path, edit, message):
+    p = yaml.safe_load((PROTOCOLS / "accuracy_v2_smoke.yaml").read_text())
+    edit(p)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(p))
+    with pytest.raises(v2.ProtocolError, match=message) as e:
+        v2.load_protocol(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(v2.ProtocolError, match="no such file"):
+        v2.load_protocol(tmp_path / "missing.yaml")
+
+
+# ----------------------------------------------------------------------------- the runs
+@pytest.fixture
+def smoke():
+    return v2.load_protocol(PROTOCOLS / "accuracy_v2_smoke.yaml")
+
+
+def test_weight_opts_multiply_every_loss_weight(smoke):
+    # the student config's defaults: HD 1.0 / 1.0, TFD 0.005 (tbd/config.py)
+    opts = dict(zip(*[iter(v2.weight_opts(smoke, ["HD", "TFD"], 2.0))] * 2))
+    assert {k: float(v) for k, v in opts.items()} == pytest.approx(
+        {"MODEL.DISTILL.HD.CLS_WEIGHT": 2.0, "MODEL.DISTILL.HD.REG_WEIGHT": 2.0,
+         "MODEL.DISTILL.TFD.WEIGHT": 0.01})
+
+
+def test_specs_order_and_names(smoke):
+    tune = v2.tune_specs(smoke, 100, ["tbd", "fgd"])
+    assert [(s["method"], s["multiplier"]) for s in tune] == [
+        ("tbd", 1.0), ("fgd", 1.0), ("tbd", 2.0), ("fgd", 2.0)]  # every x1 run first
+    assert [s["method"] for s in v2.tune_specs(smoke, 100)] == ["tbd", "tbd"]  # the smoke's
+    with_fgd = {**smoke, "methods": [*smoke["methods"], {"name": "fgd", "losses": ["FGD"]}]}
+    test = v2.test_specs(with_fgd, 100, {"tbd": 2.0, "fgd": 1.0}, ["baseline", "tbd", "fgd"])
+    assert [(s["seed"], s["method"], s["multiplier"]) for s in test] == [
+        (0, "baseline", None), (0, "tbd", 2.0), (0, "fgd", 1.0),
+        (1, "baseline", None), (1, "tbd", 2.0), (1, "fgd", 1.0)]
+    assert v2.run_name(test[1]) == "test_tbd_x2_s0_i100"
+    assert v2.run_name(v2.calibration_spec(smoke, 100)) == "tune_baseline_s100_i100"
+
+
+def test_stages_give_tbd_against_the_baseline_first_and_depend_only_on_earlier_ones():
+    protocol = v2.load_protocol(PROTOCOLS / "accuracy_v2_cpu.yaml")
+    got = v2.stages(protocol)
+    assert got[:3] == [[("tune", "tbd"), ("test", "baseline")],
+                       [("test", "tbd"), ("tune", "pkd")],
+                       [("test", "pkd"), ("tune", "crosskd")]]
+    assert got[-1] == [("test", "frs")]
+    tuned = set()
+    for stage in got:
+        assert all(m in tuned or m == "baseline" for kind, m in stage if kind == "test")
+        tuned |= {m for kind, m in stage if kind == "tune"}
+    # every method is tuned and tested once
+    flat = [x for stage in got for x in stage]
+    distilled = [m["name"] for m in protocol["methods"] if m["losses"]]
+    assert sorted(flat) == sorted([("tune", m) for m in distilled]
+                                  + [("test", m["name"]) for m in protocol["methods"]])
+
+
+def test_train_opts_give_every_run_the_protocol_schedule(smoke):
+    spec = {"split": "tune", "method": "tbd", "multiplier": 0.5, "seed": 100, "iters": 100}
+    opts = v2.train_opts(smoke, spec, Path("out"))
+    o = dict(zip(opts[::2], opts[1::2]))
+    assert o["SOLVER.MAX_ITER"] == "100" and o["SOLVER.STEPS"] == "(70,)"
+    assert o["TEST.EVAL_PERIOD"] == "20" and o["SOLVER.CHECKPOINT_PERIOD"] == "20"
+    assert o["DATASETS.TEST"] == "('tbd_bench_tune',)"
+    assert o["MODEL.META_ARCHITECTURE"] == "DistillFCOS"
+    assert float(o["MODEL.DISTILL.TFD.WEIGHT"]) == pytest.approx(0.0025)
+    base = dict(zip(*[iter(v2.train_opts(smoke, {**spec, "method": "baseline", "multiplier": None,
+                                                   "split": "test"}, Path("o")))] * 2))
+    assert "MODEL.META_ARCHITECTURE" not in base and base["TEST.EVAL_PERIOD"] == "0"
+    assert base["DATASETS.TEST"] == "('tbd_bench_test',)"
+
+
+def test_curve_of_reads_detectron2_iteration_numbers(tmp_path):
+    # period 1000, 2000 iterations: a periodic evaluation after iteration index 999, the final
+    # one recorded at 2000; a training record between them has no AP
+    lines = [{"iteration": 19, "total_loss": 1.0}, {"iteration": 999, "bbox/AP": 3.0},
+             {"iteration": 1019, "total_loss": 0.5}, {"iteration": 2000, "bbox/AP": 6.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines))
+    assert v2.curve_of(tmp_path / "metrics.json", 2000) == curve({1000: 3.0, 2000: 6.0})
+
+
+class FakeTrainNet:
+    """Stands in for ``train_net.py``: records the command, writes what a finished run writes
+    (or a divergence), so the runner's bookkeeping is tested without training."""
+
+    def __init__(self, diverge: bool = False):
+        self.calls, self.diverge = [], diverge
+
+    def __call__(self, cmd, log, env=None):
+        self.calls.append(cmd)
+        out = Path(cmd[cmd.index("OUTPUT_DIR") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        if self.diverge:
+            log.write_text("Traceback\nFloatingPointError: Loss became infinite or NaN\n")
+            raise RuntimeError("train_net.py failed")
+        iters = int(cmd[cmd.index("SOLVER.MAX_ITER") + 1])
+        (out / "metrics.json").write_text("\n".join(json.dumps(x) for x in [
+            {"iteration": iters // 2 - 1, "bbox/AP": 4.0, "time": 0.1},
+            {"iteration": iters, "bbox/AP": 7.0, "bbox/AP50": 9.0}]))
+        log.write_text("done\n")
+
+
+def test_runner_resumes_an_interrupted_run_and_skips_recorded_ones(tmp_path, smoke, monkeypatch):
+    fake = FakeTrainNet()
+    monkeypatch.setattr(v2, "run_logged", fake)
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    spec = v2.calibration_spec(smoke, 100)
+    (tmp_path / v2.run_name(spec)).mkdir()
+    (tmp_path / v2.run_name(spec) / "last_checkpoint").write_text("model_0000039.pth")
+    (tmp_path / f"{v2.run_name(spec)}.log").write_text("the interrupted part\n")
+    row = runner.train(spec)
+    assert "--resume" in fake.calls[0] and row["resumed"]
+    assert row["AP"] == 7.0 and row["curve"] == curve({50: 4.0, 100: 7.0})
+    kept = list(tmp_path.glob(f"{v2.run_name(spec)}.log.*"))
+    assert len(kept) == 1 and kept[0].read_text() == "the interrupted part\n"
+    assert runner.train(spec) == row and len(fake.calls) == 1  # recorded: not run again
+    other = {**spec, "seed": 1}
+    runner.train(other)
+    assert "--resume" not in fake.calls[1]
+
+
+def test_runner_records_a_divergence_as_the_runs_outcome(tmp_path, smoke, monkeypatch):
+    monkeypatch.setattr(v2, "run_logged", FakeTrainNet(diverge=True))
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    spec = {"split": "tune", "method": "tbd", "multiplier": 2.0, "seed": 100, "iters": 100}
+    row = runner.train(spec)
+    assert row["failed"] == "Loss became infinite or NaN"
+    assert json.loads((tmp_path / "tune_tbd_x2_s100_i100.json").read_text())["failed"]
+    assert st.status(row, 20.0, 0.5) == "diverged"
+
+
+def test_report_of_a_partial_profile(tmp_path, smoke):
+    """results.md/json from hand rows: the calibration verdict, the tuning table with its choice,
+    the test table with the paired difference, and the status saying what is missing."""
+    from tbd_benchmarks.accuracy_v2_report import write_report
+
+    cal = {"split": "tune", "method": "baseline", "multiplier": None, "seed": 100, "iters": 100,
+           "AP": 20.0, "curve": curve({20: 5.0, 40: 10.0, 60: 18.0, 80: 19.9, 100: 20.0})}
+
+    class Recorded:
+        work, jobs = tmp_path, 1
+
+        def recorded(self, spec):
+            return cal if spec["method"] == "baseline" and spec["split"] == "tune" else None
+
+    tune = [dict(cal, method="tbd", multiplier=m, AP=ap) for m, ap in ((1.0, 24.0), (2.0, 25.0))]
+    test = [{"split": "test", "method": m, "seed": s, "iters": 100, "AP": ap,
+             "multiplier": None if m == "baseline" else 2.0}
+            for m, aps in (("baseline", (20.0, 21.0)), ("tbd", (24.0, 24.5))) for s, ap in
+            enumerate(aps)]
+    state = {"calibration": [{**st.calibration_verdict(cal["curve"], 100, 100.0), "run": "c"}],
+             "tune": [cal, *tune], "choices": {"tbd": 2.0}, "teacher": {"AP": 40.0},
+             "test": test[:3]}
+    write_report(tmp_path / "res", smoke, state, Recorded(), [{"wall_s": 120.0}], "abc",
+                 model_gflops_of=lambda c: {"total": 0.5})
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "Status: **partial: tune 2/2 runs, test 3/4 runs**" in md
+    assert "last-quarter gain 2.00" in md and "**converged**" in md  # 20.0 - 18.0 (at 60)
+    assert "| tbd | 24.0 | 25.0 | x2 |" in md
+    # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
+    assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and "| -4.00 [n/a, n/a] | inconclusive |" in md
+    payload = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert payload["protocol"] == smoke["file"]
+    assert payload["settings"]["protocol_sha256"] == smoke["sha256"]
+    assert (tmp_path / "res" / "accuracy_v2.png").is_file()
+    assert (tmp_path / "res" / "curves.png").is_file()
