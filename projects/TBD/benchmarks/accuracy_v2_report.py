@@ -195,8 +195,12 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
         protocol["tuning"]["multipliers"])
     n_test = len(methods) * len(protocol["test"]["seeds"])
     done_test = len(test)
+    ladder = protocol["calibration"]["ladder"]
     if state["calibration"] and not any(c["converged"] for c in state["calibration"]):
-        status = "calibration not passed: no main runs"
+        tried = len(state["calibration"])
+        status = ("calibration not passed: no main runs" if tried == len(ladder) else
+                  f"calibrating: {ladder[tried - 1]} iterations did not pass, {ladder[tried]} "
+                  "next")
     elif done_test == n_test:
         status = "complete"
     else:
