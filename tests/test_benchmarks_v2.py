@@ -192,13 +192,14 @@ def test_stages_give_tbd_against_the_baseline_first_and_depend_only_on_earlier_o
     assert got[:3] == [[("tune", "tbd"), ("test", "baseline")],
                        [("test", "tbd"), ("tune", "pkd")],
                        [("test", "pkd"), ("tune", "crosskd")]]
-    assert got[-1] == [("test", "frs")]
+    assert got[-2] == [("test", "frs")]
+    assert got[-1] == [("auto", m["name"]) for m in protocol["methods"] if m["losses"]]
     tuned = set()
     for stage in got:
         assert all(m in tuned or m == "baseline" for kind, m in stage if kind == "test")
         tuned |= {m for kind, m in stage if kind == "tune"}
     # every method is tuned and tested once
-    flat = [x for stage in got for x in stage]
+    flat = [x for stage in got[:-1] for x in stage]
     distilled = [m["name"] for m in protocol["methods"] if m["losses"]]
     assert sorted(flat) == sorted([("tune", m) for m in distilled]
                                   + [("test", m["name"]) for m in protocol["methods"]])
@@ -297,9 +298,11 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
              "multiplier": None if m == "baseline" else 2.0}
             for m, aps in (("baseline", (20.0, 21.0)), ("tbd", (24.0, 24.5))) for s, ap in
             enumerate(aps)]
+    auto = {**v2.auto_specs(smoke, 100, ["tbd"])[0], "AP": 24.5,
+            "auto_scales": {"HD": 0.5, "TFD": 2.0}}
     state = {"calibration": [{**st.calibration_verdict(cal["curve"], 100, 100.0), "run": "c"}],
              "tune": [cal, *tune], "choices": {"tbd": 2.0}, "teacher": {"AP": 40.0},
-             "test": test[:3]}
+             "test": test[:3], "auto": [auto]}
     write_report(tmp_path / "res", smoke, state, Recorded(), [{"wall_s": 120.0}], "abc",
                  model_gflops_of=lambda c: {"total": 0.5})
     md = (tmp_path / "res" / "results.md").read_text()
@@ -308,8 +311,28 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
     assert "| tbd | 24.0 | 25.0 | x2 |" in md
     # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
     assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and "| -4.00 [n/a, n/a] | inconclusive |" in md
+    # auto 24.5 against the chosen x2's 25.0
+    assert "| tbd | 24.5 | 25.0 (x2) | -0.5 | HD 0.5, TFD 2 |" in md
     payload = json.loads((tmp_path / "res" / "results.json").read_text())
     assert payload["protocol"] == smoke["file"]
     assert payload["settings"]["protocol_sha256"] == smoke["sha256"]
     assert (tmp_path / "res" / "accuracy_v2.png").is_file()
     assert (tmp_path / "res" / "curves.png").is_file()
+
+
+def test_auto_weight_runs_start_from_the_published_weights_and_choose_nothing(smoke, tmp_path):
+    spec = v2.auto_specs(smoke, 100, ["tbd"])[0]
+    assert v2.run_name(spec) == "tune_tbd_auto_s100_i100"
+    o = dict(zip(*[iter(v2.train_opts(smoke, spec, Path("o")))] * 2))
+    assert o["MODEL.DISTILL.AUTO_WEIGHT.ENABLED"] == "True"
+    assert o["MODEL.DISTILL.AUTO_WEIGHT.ITERS"] == "20"  # the smoke's auto_weight_opts
+    assert "MODEL.DISTILL.HD.CLS_WEIGHT" not in o  # the config's weights, not multiplied
+    rows = [{"method": "baseline", "multiplier": None, "AP": 20.0},
+            {"method": "tbd", "multiplier": 1.0, "AP": 21.0},
+            {"method": "tbd", "multiplier": 2.0, "AP": 22.0},
+            {**spec, "AP": 30.0}]  # better than both, but not a tuning choice
+    assert v2.choices_of(smoke, rows) == {"tbd": 2.0}
+    lines = [{"iteration": 99, "auto_weight/HD": 0.5}, {"iteration": 119, "total_loss": 1.0},
+             {"iteration": 139, "auto_weight/HD": 0.25, "auto_weight/TFD": 2.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines))
+    assert v2.auto_scales(tmp_path / "metrics.json") == {"HD": 0.25, "TFD": 2.0}

@@ -99,6 +99,11 @@ def load_protocol(path: str | os.PathLike) -> dict:
     if p["schedule"]["iters"] != p["calibration"]["ladder"][0]:
         raise ProtocolError(f"{path}: schedule.iters ({p['schedule']['iters']}) must be the first "
                             f"calibration.ladder entry ({p['calibration']['ladder']}).")
+    if not isinstance(p.get("auto_weight_check", False), bool):
+        raise ProtocolError(f"{path}: key 'auto_weight_check' must be true or false.")
+    if not isinstance(p.get("auto_weight_opts", []), list) or len(p.get("auto_weight_opts",
+                                                                        [])) % 2:
+        raise ProtocolError(f"{path}: key 'auto_weight_opts' must be a list of KEY VALUE pairs.")
     if 1.0 not in [float(x) for x in p["tuning"]["multipliers"]]:
         raise ProtocolError(f"{path}: tuning.multipliers must include 1.0 (the published "
                             "weights, the sweep's centre).")
@@ -157,7 +162,8 @@ def schedule_opts(protocol: dict, iters: int, split: str, curve: bool) -> list[s
 
 
 def run_name(spec: dict) -> str:
-    mult = "" if spec["multiplier"] is None else f"_x{spec['multiplier']:g}"
+    mult = "_auto" if spec.get("auto") else \
+        "" if spec["multiplier"] is None else f"_x{spec['multiplier']:g}"
     return f"{spec['split']}_{spec['method']}{mult}_s{spec['seed']}_i{spec['iters']}"
 
 
@@ -170,8 +176,12 @@ def train_opts(protocol: dict, spec: dict, out: Path) -> list[str]:
         opts += ["MODEL.META_ARCHITECTURE", protocol["student"]["distill_architecture"],
                  "MODEL.DISTILL.LOSSES", repr(list(losses)),
                  "MODEL.DISTILL.TEACHER.CONFIG", protocol["teacher"]["config"],
-                 "MODEL.DISTILL.TEACHER.WEIGHTS", protocol["teacher"]["weights"],
-                 *weight_opts(protocol, losses, spec["multiplier"])]
+                 "MODEL.DISTILL.TEACHER.WEIGHTS", protocol["teacher"]["weights"]]
+        if spec.get("auto"):  # the published weights, then scaled to the default targets
+            opts += ["MODEL.DISTILL.AUTO_WEIGHT.ENABLED", "True",
+                     *[str(x) for x in protocol.get("auto_weight_opts", [])]]
+        else:
+            opts += weight_opts(protocol, losses, spec["multiplier"])
         if "teacher_min_ap" in protocol:
             opts += ["MODEL.DISTILL.TEACHER.EVAL_MIN_AP", str(protocol["teacher_min_ap"])]
     return opts + [str(x) for x in method_of(protocol, spec["method"]).get("opts", [])]
@@ -190,6 +200,15 @@ def curve_of(metrics_json: Path, max_iter: int) -> list[dict]:
         r = json.loads(line) if line.strip() else {}
         if "bbox/AP" in r:
             out.append({"iter": min(r["iteration"] + 1, max_iter), "AP": r["bbox/AP"]})
+    return out
+
+
+def auto_scales(metrics_json: Path) -> dict[str, float]:
+    """The scales ``MODEL.DISTILL.AUTO_WEIGHT`` chose, per distiller (their last logged value)."""
+    out = {}
+    for line in metrics_json.read_text().splitlines():
+        r = json.loads(line) if line.strip() else {}
+        out.update({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("auto_weight/")})
     return out
 
 
@@ -229,7 +248,11 @@ class Runner:
             row = {**spec, "failed": reason, "wall_s": round(time.time() - t0, 1)}
             self._write(spec, row)
             return row
-        row = {**spec, **last_eval(out / "metrics.json"),
+        if spec.get("auto"):
+            row_extra = {"auto_scales": auto_scales(out / "metrics.json")}
+        else:
+            row_extra = {}
+        row = {**spec, **row_extra, **last_eval(out / "metrics.json"),
                "curve": curve_of(out / "metrics.json", spec["iters"]),
                "infer_s_per_image": infer_time(log), "resumed": resume}
         if spec["split"] == "test":
@@ -315,6 +338,12 @@ def test_specs(protocol: dict, iters: int, choices: dict[str, float],
             for s in protocol["test"]["seeds"] for m in names]
 
 
+def auto_specs(protocol: dict, iters: int, methods: list[str]) -> list[dict]:
+    """One tune run per method with ``MODEL.DISTILL.AUTO_WEIGHT`` on (``auto_weight_check``)."""
+    return [{"split": "tune", "method": m, "multiplier": None, "auto": True,
+             "seed": protocol["tuning"]["seed"], "iters": iters} for m in methods]
+
+
 def stages(protocol: dict) -> list[list[tuple[str, str]]]:
     """The order of the main runs, as stages of ("tune" | "test", method); a stage's runs
     depend only on earlier stages, and run ``--jobs`` at a time.
@@ -322,7 +351,8 @@ def stages(protocol: dict) -> list[list[tuple[str, str]]]:
     The first distilled method (TBD) is tuned beside the baseline's test runs (they need no
     choice), then its test runs give the first answer while the next method is tuned, and so on:
     each method's row completes in turn. A method's choice depends only on its own tune runs, so
-    freezing it before the other methods are tuned changes nothing.
+    freezing it before the other methods are tuned changes nothing. The automatic-weight runs
+    (``auto_weight_check``) come last: they answer a side question and choose nothing.
     """
     distilled = [m["name"] for m in protocol["methods"] if m["losses"]]
     out = [[("tune", distilled[0]), ("test", "baseline")]]
@@ -331,6 +361,8 @@ def stages(protocol: dict) -> list[list[tuple[str, str]]]:
         if i + 1 < len(distilled):
             stage.append(("tune", distilled[i + 1]))
         out.append(stage)
+    if protocol.get("auto_weight_check"):
+        out.append([("auto", m) for m in distilled])
     return out
 
 
@@ -344,7 +376,7 @@ def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
             continue
         res = {r["multiplier"]: (None if r.get("failed") or r.get("AP") is None
                                  or (floor is not None and r["AP"] < floor) else r["AP"])
-               for r in tune_rows if r["method"] == m["name"]}
+               for r in tune_rows if r["method"] == m["name"] and not r.get("auto")}
         out[m["name"]] = choose_multiplier(res, protocol["tuning"]["tie_ap"])
     return out
 
@@ -373,7 +405,8 @@ def main(argv=None) -> None:
     from tbd_benchmarks.accuracy_v2_report import write_report
 
     t0, started, commit = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
-    state: dict = {"calibration": [], "tune": [], "test": [], "teacher": None, "choices": None}
+    state: dict = {"calibration": [], "tune": [], "test": [], "teacher": None, "choices": None,
+                   "auto": []}
 
     def report() -> None:
         calls = record_invocation(runner.work, started, time.time() - t0,
@@ -418,6 +451,8 @@ def main(argv=None) -> None:
         tested = [m for m in methods if m == "baseline" or m in choices]
         state["test"] = [r for s in test_specs(protocol, iters, choices, tested)
                          if (r := runner.recorded(s))]
+        state["auto"] = [r for s in auto_specs(protocol, iters, distilled)
+                         if (r := runner.recorded(s))]
 
     def freeze(method: str) -> None:
         rows = [base_row] + [r for s in tune_specs(protocol, iters, [method])
@@ -430,6 +465,7 @@ def main(argv=None) -> None:
         choices_path.write_text(json.dumps(choices, indent=2))
 
     methods = [m["name"] for m in protocol["methods"]]
+    distilled = [m for m in methods if method_of(protocol, m)["losses"]]
     state["teacher"] = runner.recorded({"split": "test", "method": "teacher",
                                         "multiplier": None, "seed": 0, "iters": 0})
     refresh()
@@ -438,11 +474,12 @@ def main(argv=None) -> None:
         return
     state["teacher"] = runner.teacher()
     for stage in stages(protocol):
-        tests = [m for kind, m in stage if kind == "test"]
-        tunes = [m for kind, m in stage if kind == "tune"]
+        kinds = {k: [m for kind, m in stage if kind == k] for k in ("tune", "test", "auto")}
         # tune runs first: the next stage waits for them, not for the test runs
-        specs = (tune_specs(protocol, iters, tunes) if tunes else []) \
-            + (test_specs(protocol, iters, choices, tests) if tests else [])
+        specs = (tune_specs(protocol, iters, kinds["tune"]) if kinds["tune"] else []) \
+            + (test_specs(protocol, iters, choices, kinds["test"]) if kinds["test"] else []) \
+            + auto_specs(protocol, iters, kinds["auto"])
+        tunes = kinds["tune"]
         runner.train_all(specs, lambda: (refresh(), report()))
         for m in tunes:
             freeze(m)

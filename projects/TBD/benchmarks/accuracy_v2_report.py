@@ -99,6 +99,25 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                 f"{t['failures']}/{t['runs']} [{lo:.2f}, {hi:.2f}] | "
                 f"{_fmt(t['harmonious_proportion'], 1, 100)} | "
                 f"{_fmt(t['score_iou_spearman'], 3)} |")
+    auto = [r for r in state.get("auto") or [] if r]
+    if auto:
+        lines += ["", "## 4. Automatic loss weights on `tune` (`MODEL.DISTILL.AUTO_WEIGHT`, "
+                  "default targets)", "",
+                  "One run per distiller, the tune seed, starting from the published weights; "
+                  "against the same distiller's tune run at its chosen multiplier. One seed: no "
+                  "interval.", "",
+                  "| method | auto AP | tuned AP (multiplier) | auto minus tuned | scales |",
+                  "|---|---|---|---|---|"]
+        for r in auto:
+            chosen = (state["choices"] or {}).get(r["method"])
+            tuned = next((t for t in tune if t["method"] == r["method"]
+                          and t["multiplier"] == chosen), None)
+            t_ap = None if tuned is None else tuned.get("AP")
+            diff = None if t_ap is None or r.get("AP") is None else r["AP"] - t_ap
+            scales = ", ".join(f"{k} {v:.3g}" for k, v in (r.get("auto_scales") or {}).items())
+            lines.append(f"| {r['method']} | {'diverged' if r.get('failed') else _fmt(r.get('AP'))}"
+                         f" | {_fmt(t_ap)} ({'' if chosen is None else f'x{chosen:g}'}) | "
+                         f"{_fmt(diff)} | {scales} |")
     cost = settings.get("cost")
     if cost:
         lines += ["", f"Models: teacher {cost['teacher']['params_M']:.2f} M parameters, "
@@ -223,7 +242,7 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
         if times:
             infer[who] = 1000 * sorted(times)[len(times) // 2]
     settings["infer_ms"] = infer
-    rows = [*cal_rows, *[r for r in state["tune"][1:] if r],
+    rows = [*cal_rows, *[r for r in state["tune"][1:] if r], *[r for r in state.get("auto") or []],
             *([state["teacher"]] if state.get("teacher") else []), *test]
     md = markdown(protocol, state, {**settings, "calibration_rows": cal_rows}, table)
     write_results(out, "accuracy_v2", {**settings, "summary": table}, rows, md, commit)
