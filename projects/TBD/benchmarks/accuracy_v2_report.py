@@ -127,8 +127,10 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
         infer = settings.get("infer_ms")
         if infer:
             lines[-1] += (" Inference time (Detectron2's evaluator on the test split, forward "
-                          "and post-processing, per image): " + ", ".join(
-                              f"{k} {v:.1f} ms" for k, v in infer.items()) + ".")
+                          "and post-processing, per image, median over runs): " + ", ".join(
+                              f"{k} {v:.1f} ms" for k, v in infer.items())
+                          + "; measured beside the benchmark's other runs, so not a speed "
+                          "comparison (`speed.py` is).")
     lines += ["", f"Wall time: {settings['wall_minutes_all_invocations']} min over "
               f"{settings['invocations']} invocation(s)."]
     return "\n".join(lines) + "\n"
