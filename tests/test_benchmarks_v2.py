@@ -145,6 +145,8 @@ def test_main_protocol_is_the_one_the_issue_asks_for():
     (lambda p: p["splits"].update(tune="no_such_split"), "'no_such_split' is not a registered"),
     (lambda p: p["calibration"].update(ladder=[50, 100]), "first calibration.ladder entry"),
     (lambda p: p["methods"].append({"name": "x", "losses": []}), "empty for the baseline only"),
+    (lambda p: p["teacher"].update(sha256_file="projects/TBD/demo_teacher/README.md"),
+     "does not match the sha256"),
 ])
 def test_bad_protocols_are_refused_naming_the_key(tmp_path, edit, message):
     p = yaml.safe_load((PROTOCOLS / "accuracy_v2_smoke.yaml").read_text())

@@ -112,6 +112,14 @@ def load_protocol(path: str | os.PathLike) -> dict:
     for what in ("config", "weights"):
         if not (ROOT / p["teacher"][what]).is_file():
             raise ProtocolError(f"{path}: teacher.{what} {p['teacher'][what]} does not exist.")
+    if p["teacher"].get("sha256_file"):  # the registered teacher, not another file of its name
+        from tbd.checkpoint.io import sha256_file
+
+        expected = (ROOT / p["teacher"]["sha256_file"]).read_text().strip()
+        if sha256_file(ROOT / p["teacher"]["weights"]) != expected:
+            raise ProtocolError(f"{path}: teacher.weights {p['teacher']['weights']} does not "
+                                f"match the sha256 in {p['teacher']['sha256_file']}: not the "
+                                "registered teacher.")
     p["file"] = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) \
         else str(path)
     p["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -248,11 +256,8 @@ class Runner:
             row = {**spec, "failed": reason, "wall_s": round(time.time() - t0, 1)}
             self._write(spec, row)
             return row
-        if spec.get("auto"):
-            row_extra = {"auto_scales": auto_scales(out / "metrics.json")}
-        else:
-            row_extra = {}
-        row = {**spec, **row_extra, **last_eval(out / "metrics.json"),
+        extra = {"auto_scales": auto_scales(out / "metrics.json")} if spec.get("auto") else {}
+        row = {**spec, **extra, **last_eval(out / "metrics.json"),
                "curve": curve_of(out / "metrics.json", spec["iters"]),
                "infer_s_per_image": infer_time(log), "resumed": resume}
         if spec["split"] == "test":
@@ -267,11 +272,11 @@ class Runner:
 
         atomic_write_text(str(self.work / f"{run_name(spec)}.json"), json.dumps(row, indent=2))
 
-    def harmony(self, config: str, weights: str, out: Path, opts: list[str],
-                teacher: bool = False) -> dict:
+    def harmony(self, config: str, weights: str, out: Path, opts: list[str]) -> dict:
+        """The harmony analysis of a model on the test split (harmonious %, Spearman)."""
         cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
-               "--dataset", self.p["splits"]["test"], "--output", str(out),
-               *(["--teacher"] if teacher else []), *opts, "MODEL.WEIGHTS", weights]
+               "--dataset", self.p["splits"]["test"], "--output", str(out), *opts,
+               "MODEL.WEIGHTS", weights]
         run_logged(cmd, log_beside(out), self.env)
         h = json.loads((out / "harmony.json").read_text())
         return {k: h[k] for k in ("harmonious_proportion", "score_iou_spearman")}
