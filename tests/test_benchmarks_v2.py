@@ -226,9 +226,10 @@ def test_curve_of_reads_detectron2_iteration_numbers(tmp_path):
     # period 1000, 2000 iterations: a periodic evaluation after iteration index 999, the final
     # one recorded at 2000; a training record between them has no AP
     lines = [{"iteration": 19, "total_loss": 1.0}, {"iteration": 999, "bbox/AP": 3.0},
-             {"iteration": 1019, "total_loss": 0.5}, {"iteration": 2000, "bbox/AP": 6.0}]
+             {"iteration": 1019, "total_loss": 0.5}, {"iteration": 2000, "bbox/AP": 6.0},
+             {"iteration": 999, "bbox/AP": 3.5}]  # appended by a resumed run: the last counts
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines))
-    assert v2.curve_of(tmp_path / "metrics.json", 2000) == curve({1000: 3.0, 2000: 6.0})
+    assert v2.curve_of(tmp_path / "metrics.json", 2000) == curve({1000: 3.5, 2000: 6.0})
 
 
 class FakeTrainNet:

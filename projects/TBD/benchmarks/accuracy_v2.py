@@ -201,14 +201,15 @@ def curve_of(metrics_json: Path, max_iter: int) -> list[dict]:
     Detectron2 records a periodic evaluation at the index of the iteration it follows (``k *
     period - 1``) and the final one at ``max_iter``, hence the ``min``. An evaluation period
     shorter than the metrics writer's (20) would lose evaluations: only the latest value of a
-    key reaches metrics.json.
+    key reaches metrics.json. A resumed run appends to the same file; an iteration evaluated
+    twice keeps its last value.
     """
-    out = []
+    out: dict[int, float] = {}
     for line in metrics_json.read_text().splitlines():
         r = json.loads(line) if line.strip() else {}
         if "bbox/AP" in r:
-            out.append({"iter": min(r["iteration"] + 1, max_iter), "AP": r["bbox/AP"]})
-    return out
+            out[min(r["iteration"] + 1, max_iter)] = r["bbox/AP"]
+    return [{"iter": i, "AP": ap} for i, ap in sorted(out.items())]
 
 
 def auto_scales(metrics_json: Path) -> dict[str, float]:
