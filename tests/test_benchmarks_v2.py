@@ -305,11 +305,15 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
             "auto_scales": {"HD": 0.5, "TFD": 2.0}}
     state = {"calibration": [{**st.calibration_verdict(cal["curve"], 100, 100.0), "run": "c"}],
              "tune": [cal, *tune], "choices": {"tbd": 2.0}, "teacher": {"AP": 40.0},
-             "test": test[:3], "auto": [auto]}
+             "test": test[:3], "auto": [auto],
+             "headroom": {"teacher_AP": 40.0, "baseline_AP": 20.0, "gap": 20.0, "min_ap": 5.0,
+                          "passed": True}}
     write_report(tmp_path / "res", smoke, state, Recorded(), [{"wall_s": 120.0}], "abc",
                  model_gflops_of=lambda c: {"total": 0.5})
     md = (tmp_path / "res" / "results.md").read_text()
     assert "Status: **partial: tune 2/2 runs, test 3/4 runs**" in md
+    assert "teacher 40.0 AP minus the calibrated baseline's 20.0 = +20.0 (must be >= 5.0): " \
+        "**passed**" in md
     assert "last-quarter gain 2.00" in md and "**converged**" in md  # 20.0 - 18.0 (at 60)
     assert "| tbd | 24.0 | 25.0 | x2 |" in md
     # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
@@ -339,3 +343,30 @@ def test_auto_weight_runs_start_from_the_published_weights_and_choose_nothing(sm
              {"iteration": 139, "auto_weight/HD": 0.25, "auto_weight/TFD": 2.0}]
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines))
     assert v2.auto_scales(tmp_path / "metrics.json") == {"HD": 0.25, "TFD": 2.0}
+
+
+def test_headroom_gate_evaluates_the_teacher_once_on_tune(tmp_path, smoke, monkeypatch):
+    calls = []
+
+    def fake_eval(config, weights, dataset, out, log, env=None):
+        calls.append(dataset)
+        return {"AP": 48.4, "AP50": 70.0}
+
+    monkeypatch.setattr(v2, "eval_bbox", fake_eval)
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    runner._write(v2.calibration_spec(smoke, 100), {"AP": 48.7})
+    h = runner.headroom(100)
+    assert calls == ["tbd_bench_tune"]
+    assert h["gap"] == pytest.approx(-0.3) and not h["passed"]  # 48.4 - 48.7 < 5
+    runner._write(v2.calibration_spec(smoke, 100), {"AP": 40.0})
+    assert runner.headroom(100)["passed"] and calls == ["tbd_bench_tune"]  # 8.4 >= 5, recorded
+    assert v2.Runner({k: v for k, v in smoke.items() if k != "headroom"}, tmp_path,
+                     1).headroom(100) is None
+
+
+def test_a_headroom_without_its_number_is_refused(tmp_path):
+    p = yaml.safe_load((PROTOCOLS / "accuracy_v2_smoke.yaml").read_text())
+    p["headroom"] = {"min": 5}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(v2.ProtocolError, match="headroom.min_ap"):
+        v2.load_protocol(tmp_path / "p.yaml")

@@ -12,7 +12,9 @@ seeds, the failure rule and the statistics.
 1. Calibration: the baseline student on the schedule, evaluated on ``tune`` at
    ``schedule.eval_points`` checkpoints; the schedule passes when the last quarter gains less than
    ``calibration.max_last_quarter_gain`` AP, else the next ``calibration.ladder`` entry is tried.
-   No other run starts before a schedule passes (``--phase calibrate`` stops here).
+   Then the headroom gate (``headroom``): the teacher's AP on ``tune`` minus the calibrated
+   baseline's must reach ``headroom.min_ap``. No other run starts before both pass
+   (``--phase calibrate`` stops here).
 2. Tuning: each distiller once per loss-weight multiplier (the tune seed), evaluated on
    ``tune``; its choice is frozen in ``choices.json`` before any of its test runs.
 3. Test: the teacher and every method at its choice, every test seed, evaluated once on ``test``
@@ -99,6 +101,8 @@ def load_protocol(path: str | os.PathLike) -> dict:
     if p["schedule"]["iters"] != p["calibration"]["ladder"][0]:
         raise ProtocolError(f"{path}: schedule.iters ({p['schedule']['iters']}) must be the first "
                             f"calibration.ladder entry ({p['calibration']['ladder']}).")
+    if "headroom" in p and not isinstance((p["headroom"] or {}).get("min_ap"), (int, float)):
+        raise ProtocolError(f"{path}: key headroom.min_ap must be a number (AP points).")
     if not isinstance(p.get("auto_weight_check", False), bool):
         raise ProtocolError(f"{path}: key 'auto_weight_check' must be true or false.")
     if not isinstance(p.get("auto_weight_opts", []), list) or len(p.get("auto_weight_opts",
@@ -297,6 +301,25 @@ class Runner:
         self._write(spec, row)
         return row
 
+    def headroom(self, iters: int) -> Optional[dict]:
+        """The protocol's ``headroom`` check on ``tune``: teacher AP minus the calibrated
+        baseline's final AP, at least ``headroom.min_ap`` (the teacher is evaluated once). None
+        when the protocol has no such key."""
+        if "headroom" not in self.p:
+            return None
+        spec = {"split": "tune", "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}
+        row = self.recorded(spec)
+        if row is None:
+            t, out = self.p["teacher"], self.work / "tune_teacher"
+            res = eval_bbox(t["config"], t["weights"], self.p["splits"]["tune"], out,
+                            self.work / "tune_teacher.log", self.env)
+            row = {**spec, **{k: res.get(k) for k in METRICS}}
+            self._write(spec, row)
+        base = self.recorded(calibration_spec(self.p, iters))["AP"]
+        gap, need = row["AP"] - base, self.p["headroom"]["min_ap"]
+        return {"teacher_AP": row["AP"], "baseline_AP": base, "gap": gap, "min_ap": need,
+                "passed": gap >= need}
+
     def train_all(self, specs: list[dict], on_done) -> list[dict]:
         """Train ``specs`` (recorded ones are read first), ``on_done()`` after each."""
         rows = {i: r for i, s in enumerate(specs) if (r := self.recorded(s)) is not None}
@@ -412,7 +435,7 @@ def main(argv=None) -> None:
 
     t0, started, commit = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
     state: dict = {"calibration": [], "tune": [], "test": [], "teacher": None, "choices": None,
-                   "auto": []}
+                   "auto": [], "headroom": None}
 
     def report() -> None:
         calls = record_invocation(runner.work, started, time.time() - t0,
@@ -442,7 +465,18 @@ def main(argv=None) -> None:
                "the calibration is not complete")
         print(f"{msg}; results in {out}", flush=True)
         return
+    # the headroom gate: the teacher on `tune` against the calibrated baseline (evaluated once;
+    # --phase report reads it only when recorded)
+    if args.phase != "report" or runner.recorded(
+            {"split": "tune", "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}):
+        state["headroom"] = runner.headroom(iters)
+    if state["headroom"] is not None and not state["headroom"]["passed"]:
+        report()
+        print(f"headroom check failed ({state['headroom']}): no main runs; results in {out}",
+              flush=True)
+        return
     if args.phase == "calibrate":
+        report()
         return
 
     # 2 and 3: per method its tune runs, its frozen choice, its test runs (``stages``)

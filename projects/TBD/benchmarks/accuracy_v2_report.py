@@ -56,6 +56,11 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                      f"gain {_fmt(c['last_quarter_gain'], 2)} (must be < "
                      f"{c['max_last_quarter_gain']}): "
                      f"**{'converged' if c['converged'] else 'not converged'}**.")
+    h = state.get("headroom")
+    if h:
+        lines.append(f"- Headroom on `tune`: teacher {h['teacher_AP']:.1f} AP minus the calibrated "
+                     f"baseline's {h['baseline_AP']:.1f} = {h['gap']:+.1f} (must be >= "
+                     f"{h['min_ap']}): **{'passed' if h['passed'] else 'failed: no main runs'}**.")
     tune = [r for r in state["tune"] if r and r["method"] != "baseline"]
     if tune:
         mults = sorted({r["multiplier"] for r in tune})
@@ -217,7 +222,9 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
     n_test = len(methods) * len(protocol["test"]["seeds"])
     done_test = len(test)
     ladder = protocol["calibration"]["ladder"]
-    if state["calibration"] and not any(c["converged"] for c in state["calibration"]):
+    if state.get("headroom") and not state["headroom"]["passed"]:
+        status = "headroom check failed: no main runs"
+    elif state["calibration"] and not any(c["converged"] for c in state["calibration"]):
         tried = len(state["calibration"])
         status = ("calibration not passed: no main runs" if tried == len(ladder) else
                   f"calibrating: {ladder[tried - 1]} iterations did not pass, {ladder[tried]} "
@@ -233,6 +240,7 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
     settings = {
         "protocol": protocol["file"], "protocol_sha256": protocol["sha256"],
         "status": status, "calibration": state["calibration"], "choices": state["choices"],
+        "headroom": state.get("headroom"),
         "invocations": len(calls),
         "wall_minutes_all_invocations": round(sum(c["wall_s"] for c in calls) / 60, 1),
         "jobs": runner.jobs, "cost": _cost(protocol, runner.work, model_gflops_of),
