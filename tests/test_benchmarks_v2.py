@@ -316,6 +316,7 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
         "**passed**" in md
     assert "last-quarter gain 2.00" in md and "**converged**" in md  # 20.0 - 18.0 (at 60)
     assert "| tbd | 24.0 | 25.0 | x2 |" in md
+    assert "Teacher: 40.0 AP, +19.5 above the baseline's mean (headroom on test)" in md
     # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
     assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and "| -4.00 [n/a, n/a] | inconclusive |" in md
     # auto 24.5 against the chosen x2's 25.0

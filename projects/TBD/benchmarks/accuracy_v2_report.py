@@ -80,9 +80,13 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
     if table:
         ref = protocol["reference"]
         teacher = state.get("teacher") or {}
+        base = next((t for t in table if t["method"] == "baseline"), None)
+        headroom = ("" if base is None or base["AP_mean"] is None or teacher.get("AP") is None
+                    else f", {teacher['AP'] - base['AP_mean']:+.1f} above the baseline's mean "
+                    "(headroom on test)")
         lines += ["", f"## 3. Test (`{protocol['splits']['test']}`, seeds "
                   f"{protocol['test']['seeds']})", "",
-                  f"Teacher: {_fmt(teacher.get('AP'))} AP. Mean ± std over seeds; paired "
+                  f"Teacher: {_fmt(teacher.get('AP'))} AP{headroom}. Mean ± std over seeds; paired "
                   f"difference to `{ref}` (same seed) with its "
                   f"{protocol['statistics']['confidence']:.0%} t-interval; failures by the "
                   "protocol's rule, with a Clopper-Pearson interval.", "",
