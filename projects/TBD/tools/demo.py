@@ -167,7 +167,7 @@ def plot(path: Path, rows: list[dict], shown: dict[str, list], classes: list[str
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--output", default="output/demo", help="output folder (relative to repo)")
-    # 1500: what fits the demo's 15 minutes on 2 cores with a margin, from the measured 0.41 s
+    # 1500: what fits the demo's 15 minutes on 2 cores with a margin, from the measured ~0.4 s
     # per TBD iteration at one thread beside another run (benchmarks/README.md, "Demo teacher
     # and demo run"); chosen from time alone, not from any AP.
     ap.add_argument("--iters", type=int, default=1500, help="student iterations (each student)")
