@@ -371,3 +371,88 @@ def test_a_headroom_without_its_number_is_refused(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
     with pytest.raises(v2.ProtocolError, match="headroom.min_ap"):
         v2.load_protocol(tmp_path / "p.yaml")
+
+
+# --------------------------------------------------------------- baseline runs of another file
+SMOKE_FILE = "projects/TBD/benchmarks/protocols/accuracy_v2_smoke.yaml"
+
+
+def _sharing(tmp_path: Path, edit=lambda p: None) -> Path:
+    """A copy of the smoke protocol under another name whose baseline runs are the smoke's."""
+    p = yaml.safe_load((ROOT / SMOKE_FILE).read_text())
+    p.update(name="other", baseline_from=SMOKE_FILE)
+    edit(p)
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return path
+
+
+def test_baseline_runs_are_read_from_the_protocol_they_share(tmp_path, smoke, monkeypatch):
+    fake = FakeTrainNet()
+    monkeypatch.setattr(v2, "run_logged", fake)
+    p = v2.load_protocol(_sharing(tmp_path))
+    assert p["baseline_from"] == {"file": SMOKE_FILE, "sha256": smoke["sha256"],
+                                  "name": "accuracy_v2_smoke"}
+    theirs = v2.Runner(smoke, tmp_path / "smoke_work", jobs=1)
+    cal = v2.calibration_spec(smoke, 100)
+    theirs._write(cal, {**cal, "AP": 31.5, "curve": curve({50: 30.0, 100: 31.5})})
+    mine = v2.Runner(p, tmp_path / "work", jobs=1, baseline_work=tmp_path / "smoke_work")
+    row = mine.train(cal)
+    assert fake.calls == [] and row["AP"] == 31.5 and row["copied_from"] == SMOKE_FILE
+    assert mine.recorded(cal) == row  # copied into this work dir, with its origin
+    mine.train({**cal, "seed": 1})  # not recorded there: trained here
+    mine.train({**cal, "method": "tbd", "multiplier": 1.0})  # never shared: sees the teacher
+    assert len(fake.calls) == 2
+    # the default source is that protocol's default work dir
+    assert v2.Runner(p, tmp_path / "w2", 1).baseline_work == \
+        ROOT / "output/benchmarks/accuracy_v2_smoke"
+    assert v2.Runner(smoke, tmp_path / "w3", 1).shared_baseline(cal) is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["student"].update(config="projects/TBD/configs/demo/"
+                                          "fcos_R50w16_FPN64_teacher.yaml"), "student differs"),
+    (lambda p: p["schedule"].update(lr_step=0.5), "schedule differs"),
+    (lambda p: p["splits"].update(tune="tbd_demo_test"), "splits differs"),
+    (lambda p: p["tuning"].update(seed=7), "tuning.seed differs"),
+    (lambda p: p["methods"][0].update(opts=["SOLVER.BASE_LR", "0.01"]), r"methods \(baseline\)"),
+    (lambda p: p.update(baseline_from="projects/TBD/benchmarks/protocols/none.yaml"),
+     "no such file"),
+])
+def test_sharing_baseline_runs_is_refused_when_they_are_not_the_same_runs(tmp_path, edit,
+                                                                         message):
+    path = _sharing(tmp_path, edit)
+    with pytest.raises(v2.ProtocolError, match=message) as e:
+        v2.load_protocol(path)
+    assert str(path) in str(e.value) and "baseline_from" in str(e.value)
+
+
+def test_a_protocol_cannot_share_its_own_baseline_runs(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text(_sharing(tmp_path).read_text().replace(SMOKE_FILE, str(path)))
+    with pytest.raises(v2.ProtocolError, match="names this file itself"):
+        v2.load_protocol(path)
+
+
+def test_report_says_which_baseline_runs_were_shared(tmp_path, smoke):
+    from tbd_benchmarks.accuracy_v2_report import write_report
+
+    p = v2.load_protocol(_sharing(tmp_path))
+    cal = {**v2.calibration_spec(p, 100), "AP": 20.0, "copied_from": SMOKE_FILE,
+           "curve": curve({20: 5.0, 40: 10.0, 60: 18.0, 80: 19.9, 100: 20.0})}
+
+    class Recorded:
+        work, jobs = tmp_path, 1
+
+        def recorded(self, spec):
+            return cal if spec == v2.calibration_spec(p, 100) else None
+
+    state = {"calibration": [{**st.calibration_verdict(cal["curve"], 100, 100.0), "run": "c"}],
+             "tune": [cal], "choices": {}, "teacher": None, "test": [], "auto": [],
+             "headroom": None}
+    write_report(tmp_path / "res", p, state, Recorded(), [{"wall_s": 1.0}], "abc",
+                 model_gflops_of=lambda c: {"total": 0.5})
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert f"Baseline runs are shared with `{SMOKE_FILE}` (sha256 `{smoke['sha256'][:12]}`" in md
+    assert "1 read from its work dir, not trained again." in md
+    assert f"**converged** (the run of `{SMOKE_FILE}`: the same baseline run)." in md

@@ -50,3 +50,30 @@ def test_quick_mode_runs_end_to_end(tmp_path):
     check = json.loads((out / "tbd" / "teacher_check.json").read_text())
     assert check["dataset"] == "tbd_demo_test"
     assert check["bbox"]["AP"] == pytest.approx(curve[-1]["bbox/AP"], abs=0.05)
+
+
+def test_make_demo_teacher_packages_a_finished_run_of_any_teacher_config(tmp_path):
+    """--skip-training: the weights alone (no optimizer state), their sha256, and the run's
+    evaluations as the curve, under the config given (here the benchmark's longer teacher)."""
+    import torch
+
+    from tbd_tools import make_demo_teacher
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model": {"w": torch.ones(2, 3).t()}, "optimizer": {"state": 1}},
+               run / "model_final.pth")
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in [
+        {"iteration": 1999, "bbox/AP": 30.0}, {"iteration": 3999, "total_loss": 1.0},
+        {"iteration": 3999, "bbox/AP": 40.0}]))
+    config = "projects/TBD/configs/demo/fcos_R50w16_FPN64_teacher_16k.yaml"
+    out = tmp_path / "teacher"
+    assert make_demo_teacher.main(["--skip-training", "--config", config, "--run-dir", str(run),
+                                   "--output", str(out)]) == 0
+    saved = torch.load(out / "model_final.pth", weights_only=True)
+    assert list(saved) == ["model"] and saved["model"]["w"].is_contiguous()
+    assert (out / "SHA256").read_text().strip() == sha256_file(out / "model_final.pth")
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["config"] == config
+    assert [(e["iteration"], e["bbox/AP"]) for e in curve["evaluations"]] == [(2000, 30.0),
+                                                                             (4000, 40.0)]

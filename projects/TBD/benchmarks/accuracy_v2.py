@@ -127,7 +127,37 @@ def load_protocol(path: str | os.PathLike) -> dict:
     p["file"] = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) \
         else str(path)
     p["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if "baseline_from" in p:
+        p["baseline_from"] = _baseline_source(path, p)
     return p
+
+
+# what makes a baseline run the same run under two protocols (the baseline never sees a teacher)
+BASELINE_KEYS = ("student", "splits", "schedule", "calibration")
+
+
+def _baseline_source(path: Path, p: dict) -> dict:
+    """The protocol named by ``baseline_from``, checked to train the same baseline runs: the
+    same student, splits, schedule, calibration and tune seed, and a baseline row without other
+    options. Its recorded baseline runs are then read instead of trained again."""
+    if not isinstance(p["baseline_from"], str):
+        raise ProtocolError(f"{path}: key 'baseline_from' must be the path of a protocol file.")
+    other_path = ROOT / p["baseline_from"]
+    if other_path.resolve() == path.resolve():
+        raise ProtocolError(f"{path}: key 'baseline_from' names this file itself.")
+    try:
+        other = load_protocol(other_path)
+    except ProtocolError as e:
+        raise ProtocolError(f"{path}: key 'baseline_from': {e}") from e
+    pairs = [(k, p[k], other[k]) for k in BASELINE_KEYS] + [
+        ("tuning.seed", p["tuning"]["seed"], other["tuning"]["seed"]),
+        ("methods (baseline)", method_of(p, "baseline"), method_of(other, "baseline"))]
+    for key, mine, theirs in pairs:
+        if mine != theirs:
+            raise ProtocolError(f"{path}: key 'baseline_from' ({p['baseline_from']}): {key} "
+                                f"differs ({mine!r} here, {theirs!r} there), so its baseline runs "
+                                "are not this file's; remove the key to train them.")
+    return {"file": other["file"], "sha256": other["sha256"], "name": other["name"]}
 
 
 def _check_dataset(path: Path, name: str) -> None:
@@ -228,9 +258,14 @@ def auto_scales(metrics_json: Path) -> dict[str, float]:
 class Runner:
     """Runs (or reads) the protocol's runs in ``work``; ``jobs`` at a time."""
 
-    def __init__(self, protocol: dict, work: Path, jobs: int):
+    def __init__(self, protocol: dict, work: Path, jobs: int,
+                 baseline_work: Optional[Path] = None):
         self.p, self.work, self.jobs = protocol, work, jobs
         self.env = {"OMP_NUM_THREADS": "1"} if jobs > 1 else {}
+        # where the baseline runs of ``baseline_from`` are recorded (default: its work dir)
+        source = protocol.get("baseline_from")
+        self.baseline_work = None if source is None else \
+            baseline_work or ROOT / "output/benchmarks" / source["name"]
         work.mkdir(parents=True, exist_ok=True)
 
     def recorded(self, spec: dict) -> Optional[dict]:
@@ -238,7 +273,7 @@ class Runner:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def train(self, spec: dict) -> dict:
-        row = self.recorded(spec)
+        row = self.recorded(spec) or self.shared_baseline(spec)
         if row is not None:
             return row
         name, cfg = run_name(spec), str(ROOT / self.p["student"]["config"])
@@ -269,6 +304,19 @@ class Runner:
             row.update(self.harmony(cfg, str(out / "model_final.pth"), self.work / f"{name}_h",
                                     train_opts(self.p, spec, out)))
         row["wall_s"] = round(time.time() - t0, 1)
+        self._write(spec, row)
+        return row
+
+    def shared_baseline(self, spec: dict) -> Optional[dict]:
+        """A baseline run recorded under ``baseline_from`` (the same run: load_protocol checked
+        it), copied into this work dir with its origin; None when there is none."""
+        if self.baseline_work is None or spec["method"] != "baseline":
+            return None
+        src = self.baseline_work / f"{run_name(spec)}.json"
+        if not src.is_file():
+            return None
+        row = {**json.loads(src.read_text()), "copied_from": self.p["baseline_from"]["file"]}
+        print(f"[{time.strftime('%H:%M:%S')}] {run_name(spec)}: read from {src}", flush=True)
         self._write(spec, row)
         return row
 
@@ -422,6 +470,9 @@ def main(argv=None) -> None:
                    "projects/TBD/benchmarks/results/<protocol name>")
     p.add_argument("--work-dir", default=None, help="runs, logs, checkpoints (not committed); "
                    "default output/benchmarks/<protocol name>")
+    p.add_argument("--baseline-work-dir", default=None, help="with a protocol's "
+                   "'baseline_from': the work dir of that protocol (default "
+                   "output/benchmarks/<its name>)")
     args = p.parse_args(argv)
     try:
         protocol = load_protocol(args.protocol)
@@ -429,7 +480,8 @@ def main(argv=None) -> None:
         sys.exit(str(e))
     name = protocol["name"]
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / name)
-    runner = Runner(protocol, Path(args.work_dir or ROOT / "output/benchmarks" / name), args.jobs)
+    runner = Runner(protocol, Path(args.work_dir or ROOT / "output/benchmarks" / name), args.jobs,
+                    Path(args.baseline_work_dir) if args.baseline_work_dir else None)
     from tbd_benchmarks.accuracy import record_invocation
     from tbd_benchmarks.accuracy_v2_report import write_report
 

@@ -49,13 +49,24 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
     if protocol["deviations"]:
         lines += ["Deviations from the protocol:", ""] + [f"- {d}" for d in protocol["deviations"]]
         lines.append("")
+    if protocol.get("baseline_from"):
+        src = protocol["baseline_from"]
+        copied = {json.dumps(r, sort_keys=True) for r in [*settings["calibration_rows"],
+                                                          *state["test"]]
+                  if r and r.get("copied_from")}
+        lines += [f"Baseline runs are shared with `{src['file']}` (sha256 `{src['sha256'][:12]}`; "
+                  "the same student, splits, schedule, calibration and tune seed, checked when "
+                  f"the protocol loads): {len(copied)} read from its work dir, not trained "
+                  "again.", ""]
     lines += ["## 1. Calibration: the baseline's learning curve on `tune`", ""]
     for c, row in zip(state["calibration"], settings["calibration_rows"]):
         curve = ", ".join(f"{p['iter']}: {p['AP']:.1f}" for p in row.get("curve", []))
         lines.append(f"- {c['iters']} iterations: AP by iteration {curve or 'n/a'}; last-quarter "
                      f"gain {_fmt(c['last_quarter_gain'], 2)} (must be < "
                      f"{c['max_last_quarter_gain']}): "
-                     f"**{'converged' if c['converged'] else 'not converged'}**.")
+                     f"**{'converged' if c['converged'] else 'not converged'}**"
+                     + (f" (the run of `{row['copied_from']}`: the same baseline run)"
+                        if row.get("copied_from") else "") + ".")
     h = state.get("headroom")
     if h:
         lines.append(f"- Headroom on `tune`: teacher {h['teacher_AP']:.1f} AP minus the calibrated "

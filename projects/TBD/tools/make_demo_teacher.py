@@ -29,7 +29,7 @@ CONFIG = "projects/TBD/configs/demo/fcos_R50w16_FPN64_teacher.yaml"
 TARGET = ROOT / "projects" / "TBD" / "demo_teacher"
 
 
-def evaluate_checkpoints(run: Path, trained: int) -> list[dict]:
+def evaluate_checkpoints(run: Path, trained: int, config: str = CONFIG) -> list[dict]:
     """``--eval-only`` on the config's test set of every ``model_<i>.pth`` of ``run`` (saved
     after i + 1 steps) and of ``model_final.pth``: the learning curve."""
     found = sorted(run.glob("model_[0-9]*.pth"))
@@ -39,7 +39,7 @@ def evaluate_checkpoints(run: Path, trained: int) -> list[dict]:
     evals = []
     for steps, weights in points:
         out = run / f"curve_eval_{steps}"
-        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", CONFIG, "--eval-only",
+        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", config, "--eval-only",
                "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out)]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         bbox = json.loads((out / "eval_results.json").read_text())["bbox"]
@@ -50,6 +50,8 @@ def evaluate_checkpoints(run: Path, trained: int) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default=CONFIG, help="the teacher's config (another teacher, such "
+                   "as the benchmark's, with --run-dir and --output)")
     p.add_argument("--run-dir", default="output/demo_fcos_teacher", help="training output folder")
     p.add_argument("--skip-training", action="store_true",
                    help="only write the checkpoint of an already finished --run-dir")
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
 
     run = ROOT / args.run_dir
     if not args.skip_training:
-        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", CONFIG,
+        cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", args.config,
                "TEST.EVAL_PERIOD", "1000", "OUTPUT_DIR", str(run)]
         print("$ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
@@ -78,14 +80,14 @@ def main(argv=None) -> int:
     records = [json.loads(x) for x in (run / "metrics.json").read_text().splitlines() if x.strip()]
     trained = max(r["iteration"] for r in records if "total_loss" in r) + 1
     if args.evaluate_checkpoints:
-        evals = evaluate_checkpoints(run, trained)
+        evals = evaluate_checkpoints(run, trained, args.config)
     else:
         # an evaluation logged at iteration i follows i + 1 steps (the final one: all of them)
         evals = [{"iteration": min(r["iteration"] + 1, trained),
                   **{k: r[k] for k in r if k.startswith("bbox/")}}
                  for r in records if "bbox/AP" in r]
     atomic_write_text(str(out / "curve.json"),
-                      json.dumps({"config": CONFIG, "evaluations": evals}, indent=2))
+                      json.dumps({"config": args.config, "evaluations": evals}, indent=2))
     size = (out / "model_final.pth").stat().st_size / 1e6
     print(f"{out / 'model_final.pth'}: {size:.1f} MB, sha256 {sha}")
     return 0
