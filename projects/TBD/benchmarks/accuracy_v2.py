@@ -3,7 +3,7 @@
 report, equal tuning per distiller, paired seeds.
 
     .venv/bin/python projects/TBD/benchmarks/accuracy_v2.py \\
-        --protocol projects/TBD/benchmarks/protocols/accuracy_v2_cpu.yaml --jobs 2
+        --protocol projects/TBD/benchmarks/protocols/accuracy_v2_cpu_t16k.yaml --jobs 2
 
 Everything the benchmark decides is in its protocol file (committed before the main runs; its
 sha256 is recorded in every result): the pair, the splits, the schedule, the tuning grid, the
@@ -565,6 +565,7 @@ def main(argv=None) -> None:
         report()
         return
     state["teacher"] = runner.teacher()
+    report()  # the gate's outcome and the teacher's row, before the first main run ends
     for stage in stages(protocol):
         kinds = {k: [m for kind, m in stage if kind == k] for k in ("tune", "test", "auto")}
         # tune runs first: the next stage waits for them, not for the test runs
