@@ -470,3 +470,17 @@ def test_report_says_which_baseline_runs_were_shared(tmp_path, smoke):
     assert f"Baseline runs are shared with `{SMOKE_FILE}` (sha256 `{smoke['sha256'][:12]}`" in md
     assert "1 read from its work dir, not trained again." in md
     assert f"**converged** (the run of `{SMOKE_FILE}`: the same baseline run)." in md
+
+
+def test_teacher_test_row_is_evaluated_once_with_harmony(tmp_path, smoke, monkeypatch):
+    calls = []
+    monkeypatch.setattr(v2, "eval_bbox", lambda c, w, dataset, o, log, env=None:
+                        calls.append(dataset) or {"AP": 50.9})
+    monkeypatch.setattr(v2, "infer_time", lambda log: 0.02)
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    monkeypatch.setattr(runner, "harmony", lambda *a: {"harmonious_proportion": 0.2,
+                                                       "score_iou_spearman": 0.6})
+    row = runner.teacher()
+    assert calls == ["tbd_bench_test"] and row["AP"] == 50.9 and row["split"] == "test"
+    assert row["infer_s_per_image"] == 0.02 and row["harmonious_proportion"] == 0.2
+    assert runner.teacher() == row and calls == ["tbd_bench_test"]  # recorded: not again

@@ -334,20 +334,26 @@ class Runner:
         h = json.loads((out / "harmony.json").read_text())
         return {k: h[k] for k in ("harmonious_proportion", "score_iou_spearman")}
 
-    def teacher(self) -> dict:
-        """The teacher on ``test`` (AP and harmony), once."""
-        spec = {"split": "test", "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}
+    def _teacher_row(self, split: str, extra=lambda row: {}) -> dict:
+        """The teacher evaluated on ``split``, once (recorded like a run); ``extra(row)`` adds
+        keys to a new row before it is written."""
+        spec = {"split": split, "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}
         row = self.recorded(spec)
-        if row is not None:
-            return row
-        t, out = self.p["teacher"], self.work / "test_teacher"
-        res = eval_bbox(t["config"], t["weights"], self.p["splits"]["test"], out,
-                        self.work / "test_teacher.log", self.env)
-        row = {**spec, **{k: res.get(k) for k in METRICS},
-               "infer_s_per_image": infer_time(self.work / "test_teacher.log")}
-        row.update(self.harmony(t["config"], t["weights"], self.work / "test_teacher_h", []))
-        self._write(spec, row)
+        if row is None:
+            t, log = self.p["teacher"], self.work / f"{split}_teacher.log"
+            res = eval_bbox(t["config"], t["weights"], self.p["splits"][split],
+                            self.work / f"{split}_teacher", log, self.env)
+            row = {**spec, **{k: res.get(k) for k in METRICS}}
+            row.update(extra(row))
+            self._write(spec, row)
         return row
+
+    def teacher(self) -> dict:
+        """The teacher on ``test`` (AP, inference time and harmony), once."""
+        t = self.p["teacher"]
+        return self._teacher_row("test", lambda row: {
+            "infer_s_per_image": infer_time(self.work / "test_teacher.log"),
+            **self.harmony(t["config"], t["weights"], self.work / "test_teacher_h", [])})
 
     def headroom(self, iters: int) -> Optional[dict]:
         """The protocol's ``headroom`` check on ``tune``: teacher AP minus the calibrated
@@ -355,14 +361,7 @@ class Runner:
         when the protocol has no such key."""
         if "headroom" not in self.p:
             return None
-        spec = {"split": "tune", "method": "teacher", "multiplier": None, "seed": 0, "iters": 0}
-        row = self.recorded(spec)
-        if row is None:
-            t, out = self.p["teacher"], self.work / "tune_teacher"
-            res = eval_bbox(t["config"], t["weights"], self.p["splits"]["tune"], out,
-                            self.work / "tune_teacher.log", self.env)
-            row = {**spec, **{k: res.get(k) for k in METRICS}}
-            self._write(spec, row)
+        row = self._teacher_row("tune")
         base = self.recorded(calibration_spec(self.p, iters))["AP"]
         gap, need = row["AP"] - base, self.p["headroom"]["min_ap"]
         return {"teacher_AP": row["AP"], "baseline_AP": base, "gap": gap, "min_ap": need,
