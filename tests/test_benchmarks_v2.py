@@ -119,7 +119,7 @@ def test_summarise_counts_failures_and_pairs_by_seed():
 
 # ------------------------------------------------------------------------------ the protocol
 @pytest.mark.parametrize("name", ["accuracy_v2_cpu.yaml", "accuracy_v2_cpu_t16k.yaml",
-                                  "accuracy_v2_smoke.yaml"])
+                                  "accuracy_v2_smoke.yaml", "investigate_tbd_t16k.yaml"])
 def test_committed_protocols_load(name):
     p = v2.load_protocol(PROTOCOLS / name)
     assert p["file"] == f"projects/TBD/benchmarks/protocols/{name}"
@@ -149,6 +149,42 @@ def test_the_t16k_profile_is_the_first_one_with_another_teacher():
     assert differ == {"teacher"}
     assert t16k["teacher"]["config"] == first["teacher"]["config"]  # the same architecture
     assert "teachers/fcos_R50w16_16k" in t16k["teacher"]["weights"]
+
+
+def test_the_tbd_investigation_is_the_main_profile_with_other_settings():
+    """Only its settings differ from the main profile (so its runs train what TBD's tune runs
+    train but for the setting), one tune run each at x1, and every setting is a real key."""
+    main = v2.load_protocol(PROTOCOLS / "accuracy_v2_cpu_t16k.yaml")
+    inv = v2.load_protocol(PROTOCOLS / "investigate_tbd_t16k.yaml")
+    differ = {k for k in main if k not in ("file", "sha256") and main[k] != inv.get(k)}
+    assert differ == {"name", "registered", "claim", "tuning", "methods", "reference",
+                      "auto_weight_check", "estimate"}
+    assert {**inv["tuning"], "multipliers": main["tuning"]["multipliers"]} == main["tuning"]
+    assert inv["tuning"]["multipliers"] == [1.0] and not inv["claim"]
+    assert "tbd" not in {m["name"] for m in inv["methods"]}  # the main profile's tune run
+    from tbd.config import load_config
+
+    for spec in v2.tune_specs(inv, 16000):
+        cfg = load_config(str(ROOT / inv["student"]["config"]))
+        cfg.merge_from_list(v2.train_opts(inv, spec, Path("out")))  # a wrong key would raise
+    assert cfg.MODEL.DISTILL.HD.BG_WEIGHT == 1.0  # the last setting, tbd_bg
+
+
+def test_phase_tune_trains_the_tune_runs_and_never_reads_test(tmp_path, smoke, monkeypatch):
+    fake = FakeTrainNet(evaluations=5)  # the smoke's 5: a flat enough curve for its calibration
+    monkeypatch.setattr(v2, "run_logged", fake)
+    monkeypatch.setattr(v2, "eval_bbox", lambda config, weights, dataset, out, log, env=None:
+                        {"AP": 48.4, "dataset": dataset})
+    monkeypatch.setattr(v2, "model_gflops", lambda config, size: {"total": 0.5})
+    v2.main(["--protocol", str(PROTOCOLS / "accuracy_v2_smoke.yaml"), "--phase", "tune",
+             "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "res")])
+    trained = sorted(Path(c[c.index("OUTPUT_DIR") + 1]).name for c in fake.calls)
+    assert trained == ["tune_baseline_s100_i100", "tune_tbd_x1_s100_i100",
+                       "tune_tbd_x2_s100_i100"]  # no test run, no automatic-weight run
+    assert {c[c.index("DATASETS.TEST") + 1] for c in fake.calls} == {"('tbd_bench_tune',)"}
+    assert json.loads((tmp_path / "work/tune_teacher_s0_i0.json").read_text())["AP"] == 48.4
+    assert not list((tmp_path / "work").glob("test_*"))  # the teacher's test row too
+    assert "tune 2/2 runs, test 0/" in (tmp_path / "res/results.md").read_text()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -250,8 +286,8 @@ class FakeTrainNet:
     """Stands in for ``train_net.py``: records the command, writes what a finished run writes
     (or a divergence), so the runner's bookkeeping is tested without training."""
 
-    def __init__(self, diverge: bool = False):
-        self.calls, self.diverge = [], diverge
+    def __init__(self, diverge: bool = False, evaluations: int = 2):
+        self.calls, self.diverge, self.evaluations = [], diverge, evaluations
 
     def __call__(self, cmd, log, env=None):
         self.calls.append(cmd)
@@ -261,8 +297,11 @@ class FakeTrainNet:
             log.write_text("Traceback\nFloatingPointError: Loss became infinite or NaN\n")
             raise RuntimeError("train_net.py failed")
         iters = int(cmd[cmd.index("SOLVER.MAX_ITER") + 1])
+        # ``evaluations - 1`` periodic ones at AP 4, then the final one at 7
+        period = iters // self.evaluations
         (out / "metrics.json").write_text("\n".join(json.dumps(x) for x in [
-            {"iteration": iters // 2 - 1, "bbox/AP": 4.0, "time": 0.1},
+            *[{"iteration": k * period - 1, "bbox/AP": 4.0, "time": 0.1}
+              for k in range(1, self.evaluations)],
             {"iteration": iters, "bbox/AP": 7.0, "bbox/AP50": 9.0}]))
         log.write_text("done\n")
 

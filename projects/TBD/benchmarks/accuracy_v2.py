@@ -18,7 +18,8 @@ seeds, the failure rule and the statistics.
 2. Tuning: each distiller once per loss-weight multiplier (the tune seed), evaluated on
    ``tune``; its choice is frozen in ``choices.json`` before any of its test runs.
 3. Test: the teacher and every method at its choice, every test seed, evaluated once on ``test``
-   (with the harmony analysis).
+   (with the harmony analysis). ``--phase tune`` stops before this step: an investigation
+   profile (several settings of one method, one tune run each) never reads ``test``.
 
 Tuning and test runs go in stages (``stages``): TBD's tune runs beside the baseline's test runs,
 then TBD's test runs beside the next method's tune runs, and so on, so the first answer comes
@@ -460,9 +461,10 @@ def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--protocol", required=True, help="the pre-registered protocol file (yaml)")
-    p.add_argument("--phase", choices=["calibrate", "all", "report"], default="all",
-                   help="'calibrate': only the schedule check; 'all' (default): every run; "
-                   "'report': only rewrite the results from the recorded runs")
+    p.add_argument("--phase", choices=["calibrate", "tune", "all", "report"], default="all",
+                   help="'calibrate': only the schedule check; 'tune': the calibration and "
+                   "every tune run, nothing on test (an investigation profile); 'all' (default): "
+                   "every run; 'report': only rewrite the results from the recorded runs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each then gets "
                    "OMP_NUM_THREADS=1)")
     p.add_argument("--output", default=None, help="results folder (committed); default "
@@ -561,6 +563,11 @@ def main(argv=None) -> None:
                                         "multiplier": None, "seed": 0, "iters": 0})
     refresh()
     if args.phase == "report":
+        report()
+        return
+    if args.phase == "tune":  # the tune runs alone: the test split stays unread
+        runner.train_all(all_tune, lambda: (refresh(), report()))
+        refresh()
         report()
         return
     state["teacher"] = runner.teacher()
