@@ -114,3 +114,15 @@ def test_refused_before_a_calibration_or_without_a_work_dir(tmp_path):
         diag.main(["--protocol", str(SMOKE), "--work-dir", str(tmp_path),
                    "--output", str(tmp_path / "res")])
     assert not (tmp_path / "res").exists()  # nothing written
+
+
+def test_a_recorded_run_without_its_folder_is_refused_naming_the_file(tmp_path):
+    smoke = v2.load_protocol(SMOKE)
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    base = v2.calibration_spec(smoke, 100)
+    runner._write(base, {**base, "AP": 20.0, "curve": [{"iter": 20 * (k + 1), "AP": 5.0 * k}
+                                                     for k in range(5)]})
+    with pytest.raises(SystemExit, match="tune_baseline_s100_i100/metrics.json: missing"):
+        diag.main(["--protocol", str(SMOKE), "--work-dir", str(tmp_path), "--no-harmony",
+                   "--output", str(tmp_path / "res")])
+    assert not (tmp_path / "res").exists()

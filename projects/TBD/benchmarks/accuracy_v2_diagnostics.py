@@ -104,12 +104,12 @@ def curve_gaps(curve: list[dict], baseline: list[dict]) -> list[dict]:
             for p in curve]
 
 
-def harmony_on(split: str, config: str, weights: str, out: Path, opts: list[str]) -> dict:
+def harmony_on(split: str, config: str, weights: str, out: Path) -> dict:
     """The harmony analysis of a model on ``split``, run once (``out/harmony.json`` is reused)."""
     if not (out / "harmony.json").is_file():
         run_logged([sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file",
-                    config, "--dataset", split, "--output", str(out), *opts,
-                    "MODEL.WEIGHTS", weights], log_beside(out))
+                    config, "--dataset", split, "--output", str(out), "MODEL.WEIGHTS", weights],
+                   log_beside(out))
     h = json.loads((out / "harmony.json").read_text())
     return {k: h.get(k) for k in HARMONY_KEYS}
 
@@ -153,6 +153,10 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True) -> dict:
             failed.append({"run": run_name(spec), "failed": row["failed"]})
             continue
         d = run_dir(runner, spec, row)
+        if not (d / "metrics.json").is_file():
+            raise ProtocolError(f"{d / 'metrics.json'}: missing, but {run_name(spec)} is "
+                                "recorded; the run's folder was moved or deleted (pass "
+                                "--work-dir / --baseline-work-dir where it is).")
         entry = {"run": run_name(spec), "method": spec["method"],
                  "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
                  "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
@@ -161,12 +165,12 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True) -> dict:
         if harmony:
             entry["harmony"] = harmony_on(split, str(d / "config.yaml"),
                                           str(d / "model_final.pth"),
-                                          runner.work / f"diag_{run_name(spec)}_h", [])
+                                          runner.work / f"diag_{run_name(spec)}_h")
         rows.append(entry)
     teacher = None
     if harmony:
         t = protocol["teacher"]
-        teacher = harmony_on(split, t["config"], t["weights"], runner.work / "diag_teacher_h", [])
+        teacher = harmony_on(split, t["config"], t["weights"], runner.work / "diag_teacher_h")
     t_row = runner.recorded({"split": "tune", "method": "teacher", "multiplier": None, "seed": 0,
                              "iters": 0})  # the headroom gate's evaluation
     return {"protocol": protocol["file"], "protocol_sha256": protocol["sha256"], "split": split,
