@@ -256,6 +256,16 @@ def auto_scales(metrics_json: Path) -> dict[str, float]:
     return out
 
 
+def analyze_harmony(split: str, config: str, weights: str, out: Path, opts: list[str] = (),
+                    env: Optional[dict] = None) -> dict:
+    """``tools/analyze_harmony.py`` on a model and ``split``, logged beside ``out``: the values of
+    the ``harmony.json`` it writes there."""
+    run_logged([sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
+                "--dataset", split, "--output", str(out), *opts, "MODEL.WEIGHTS", weights],
+               log_beside(out), env)
+    return json.loads((out / "harmony.json").read_text())
+
+
 class Runner:
     """Runs (or reads) the protocol's runs in ``work``; ``jobs`` at a time."""
 
@@ -328,11 +338,7 @@ class Runner:
 
     def harmony(self, config: str, weights: str, out: Path, opts: list[str]) -> dict:
         """The harmony analysis of a model on the test split (harmonious %, Spearman)."""
-        cmd = [sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file", config,
-               "--dataset", self.p["splits"]["test"], "--output", str(out), *opts,
-               "MODEL.WEIGHTS", weights]
-        run_logged(cmd, log_beside(out), self.env)
-        h = json.loads((out / "harmony.json").read_text())
+        h = analyze_harmony(self.p["splits"]["test"], config, weights, out, opts, self.env)
         return {k: h[k] for k in ("harmonious_proportion", "score_iou_spearman")}
 
     def _teacher_row(self, split: str, extra=lambda row: {}) -> dict:

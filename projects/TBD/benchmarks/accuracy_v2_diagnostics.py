@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tbd_benchmarks.accuracy_v2 import (
     ProtocolError,
     Runner,
+    analyze_harmony,
     auto_specs,
     calibration_spec,
     load_protocol,
@@ -47,9 +48,7 @@ from tbd_benchmarks.common import (
     ROOT,
     command_line,
     git_commit,
-    log_beside,
     machine_info,
-    run_logged,
 )
 
 # the share of the schedule each loss window averages over
@@ -106,11 +105,9 @@ def curve_gaps(curve: list[dict], baseline: list[dict]) -> list[dict]:
 
 def harmony_on(split: str, config: str, weights: str, out: Path) -> dict:
     """The harmony analysis of a model on ``split``, run once (``out/harmony.json`` is reused)."""
-    if not (out / "harmony.json").is_file():
-        run_logged([sys.executable, "projects/TBD/tools/analyze_harmony.py", "--config-file",
-                    config, "--dataset", split, "--output", str(out), "MODEL.WEIGHTS", weights],
-                   log_beside(out))
-    h = json.loads((out / "harmony.json").read_text())
+    cached = out / "harmony.json"
+    h = json.loads(cached.read_text()) if cached.is_file() else \
+        analyze_harmony(split, config, weights, out)
     return {k: h.get(k) for k in HARMONY_KEYS}
 
 
