@@ -10,6 +10,7 @@ import yaml
 
 from tbd_benchmarks import accuracy_v2 as v2
 from tbd_benchmarks import accuracy_v2_stats as st
+from tbd_benchmarks.common import cpu_name
 
 from .conftest import ROOT
 
@@ -184,7 +185,51 @@ def test_phase_tune_trains_the_tune_runs_and_never_reads_test(tmp_path, smoke, m
     assert {c[c.index("DATASETS.TEST") + 1] for c in fake.calls} == {"('tbd_bench_tune',)"}
     assert json.loads((tmp_path / "work/tune_teacher_s0_i0.json").read_text())["AP"] == 48.4
     assert not list((tmp_path / "work").glob("test_*"))  # the teacher's test row too
-    assert "tune 2/2 runs, test 0/" in (tmp_path / "res/results.md").read_text()
+    md = (tmp_path / "res/results.md").read_text()
+    assert "tune 2/2 runs, test 0/" in md and f"{cpu_name()}: 3." in md
+
+
+def test_a_fresh_work_dir_gets_the_committed_runs_back_and_trains_none_again(tmp_path, smoke,
+                                                                             monkeypatch):
+    fake = FakeTrainNet(evaluations=5)
+    monkeypatch.setattr(v2, "run_logged", fake)
+    monkeypatch.setattr(v2, "eval_bbox", lambda config, weights, dataset, out, log, env=None:
+                        {"AP": 48.4})
+    monkeypatch.setattr(v2, "model_gflops", lambda config, size: {"total": 0.5})
+    args = ["--protocol", str(PROTOCOLS / "accuracy_v2_smoke.yaml"), "--phase", "tune",
+            "--output", str(tmp_path / "res")]
+    v2.main(args + ["--work-dir", str(tmp_path / "work")])
+    assert len(fake.calls) == 3
+    first = json.loads((tmp_path / "res/results.json").read_text())
+    # a fresh clone: the committed results only, the work dir (checkpoints, run jsons) is gone
+    v2.main(args + ["--work-dir", str(tmp_path / "fresh")])
+    assert len(fake.calls) == 3  # nothing trained again
+    for name in ("tune_baseline_s100_i100", "tune_tbd_x1_s100_i100", "tune_tbd_x2_s100_i100"):
+        row = json.loads((tmp_path / f"fresh/{name}.json").read_text())
+        was = json.loads((tmp_path / f"work/{name}.json").read_text())
+        assert row == {**was, "restored_from": str(tmp_path / "res/results.json")}
+    again = json.loads((tmp_path / "res/results.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "restored_from"} for r in again["rows"]] == \
+        first["rows"]
+    # the earlier invocation's wall time is kept, counted as the one invocation it was
+    calls = json.loads((tmp_path / "fresh/invocations.json").read_text())
+    assert calls[0]["invocations"] == 1 and again["settings"]["invocations"] == 2
+    # a run already in the work dir is left as it is
+    (tmp_path / "fresh/tune_tbd_x2_s100_i100.json").write_text(json.dumps({
+        **json.loads((tmp_path / "work/tune_tbd_x2_s100_i100.json").read_text()), "AP": 1.0}))
+    assert v2.restore_work(tmp_path / "fresh", tmp_path / "res/results.json", smoke) == []
+    assert json.loads((tmp_path / "fresh/tune_tbd_x2_s100_i100.json").read_text())["AP"] == 1.0
+
+
+def test_results_of_another_protocol_version_are_not_restored(tmp_path, smoke, caplog):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"settings": {"protocol_sha256": "0" * 64}, "rows": [
+        {**v2.calibration_spec(smoke, 100), "AP": 20.0}]}))
+    assert v2.restore_work(tmp_path / "work", results, smoke) == []
+    assert not (tmp_path / "work").exists()
+    assert "written under another version of projects/TBD/benchmarks/protocols/" \
+        "accuracy_v2_smoke.yaml" in caplog.text and "trained again" in caplog.text
+    assert v2.restore_work(tmp_path / "work", tmp_path / "none.json", smoke) == []
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -319,6 +364,7 @@ def test_runner_resumes_an_interrupted_run_and_skips_recorded_ones(tmp_path, smo
     assert row["AP"] == 7.0 and row["curve"] == curve({50: 4.0, 100: 7.0})
     kept = list(tmp_path.glob(f"{v2.run_name(spec)}.log.*"))
     assert len(kept) == 1 and kept[0].read_text() == "the interrupted part\n"
+    assert row["cpu"] == cpu_name()  # a profile may span machines: each run names its own
     assert runner.train(spec) == row and len(fake.calls) == 1  # recorded: not run again
     other = {**spec, "seed": 1}
     runner.train(other)

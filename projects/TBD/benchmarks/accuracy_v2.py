@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from tbd_benchmarks.accuracy_v2_stats import calibration_verdict, choose_multiplier
 from tbd_benchmarks.common import (
     ROOT,
+    cpu_name,
     eval_bbox,
     git_commit,
     log_beside,
@@ -57,6 +59,8 @@ from tbd_benchmarks.common import (
     run_logged,
 )
 from tbd_benchmarks.logs import METRICS, divergence, infer_time, last_eval
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = {
     "name": str, "claim": bool, "teacher": dict, "student": dict, "splits": dict,
@@ -310,7 +314,9 @@ class Runner:
         extra = {"auto_scales": auto_scales(out / "metrics.json")} if spec.get("auto") else {}
         row = {**spec, **extra, **last_eval(out / "metrics.json"),
                "curve": curve_of(out / "metrics.json", spec["iters"]),
-               "infer_s_per_image": infer_time(log), "resumed": resume}
+               "infer_s_per_image": infer_time(log), "resumed": resume,
+               # a profile that spans sittings may span machines: its times are per machine
+               "cpu": cpu_name()}
         if spec["split"] == "test":
             row.update(self.harmony(cfg, str(out / "model_final.pth"), self.work / f"{name}_h",
                                     train_opts(self.p, spec, out)))
@@ -394,6 +400,54 @@ class Runner:
             raise RuntimeError(f"{len(errors)} run(s) failed: {[n for n, _ in errors]}; see their "
                                f"logs in {self.work}") from errors[0][1]
         return [rows[i] for i in range(len(specs))]
+
+
+def restore_work(work: Path, results: Path, protocol: dict) -> list[str]:
+    """Put the runs that a committed ``results.json`` records back into ``work``; return their
+    names.
+
+    The work dir (checkpoints, logs, one json per run) is not committed, so a fresh clone, or a
+    machine whose scratch space was wiped, has none of it, while the committed results hold every
+    finished run's full row. Without this the runner would train those runs again (hours each).
+    A run already in ``work`` is left as it is; the frozen choices (``choices.json``) and the
+    earlier invocations' wall time come back too. Only from results written under this very
+    protocol file (its sha256), and before anything is trained: results of another version would
+    be other runs (a warning says so, and they are trained again). A run that was interrupted is
+    not in the results; it starts again."""
+    if not results.is_file():
+        return []
+    payload = json.loads(results.read_text())
+    settings = payload.get("settings", {})
+    missing = [r for r in payload.get("rows", []) if not (work / f"{run_name(r)}.json").is_file()]
+    if not missing:
+        return []
+    if settings.get("protocol_sha256") != protocol["sha256"]:
+        logger.warning(
+            "%s: written under another version of %s (sha256 %s; the file's is now %s): its %d "
+            "run(s) are not restored into %s, so they are trained again (a work dir that holds "
+            "them is read instead: --work-dir).", results, protocol["file"],
+            settings.get("protocol_sha256"), protocol["sha256"], len(missing), work)
+        return []
+    from tbd.checkpoint import atomic_write_text
+
+    work.mkdir(parents=True, exist_ok=True)
+    for row in missing:
+        atomic_write_text(str(work / f"{run_name(row)}.json"),
+                          json.dumps({**row, "restored_from": str(results.relative_to(ROOT))
+                                      if results.is_relative_to(ROOT) else str(results)},
+                                     indent=2))
+    if settings.get("choices") and not (work / "choices.json").is_file():
+        atomic_write_text(str(work / "choices.json"), json.dumps(settings["choices"], indent=2))
+    calls = work / "invocations.json"
+    if not calls.is_file() and settings.get("invocations"):
+        # the results keep the total, not each invocation: one entry that stands for them all
+        atomic_write_text(str(calls), json.dumps([{
+            "started": f"restored from results.json of {payload.get('date')}",
+            "wall_s": round(60 * settings["wall_minutes_all_invocations"], 1),
+            "rows_restored": len(payload["rows"]),
+            "commit": payload.get("git_commit"), "invocations": settings["invocations"]}],
+            indent=2))
+    return [run_name(r) for r in missing]
 
 
 # --------------------------------------------------------------------------------- the phases
@@ -491,6 +545,16 @@ def main(argv=None) -> None:
                     Path(args.baseline_work_dir) if args.baseline_work_dir else None)
     from tbd_benchmarks.accuracy import record_invocation
     from tbd_benchmarks.accuracy_v2_report import write_report
+
+    sources = [(runner.work, out / "results.json", protocol)]
+    if runner.baseline_work is not None:  # and the shared baseline runs, from their own results
+        source = protocol["baseline_from"]
+        sources.append((runner.baseline_work, ROOT / "projects/TBD/benchmarks/results"
+                        / source["name"] / "results.json", source))
+    for work, results, owner in sources:
+        if restored := restore_work(work, results, owner):
+            print(f"restored {len(restored)} finished run(s) from {results} into {work}: "
+                  f"{', '.join(restored)}", flush=True)
 
     t0, started, commit = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
     state: dict = {"calibration": [], "tune": [], "test": [], "teacher": None, "choices": None,

@@ -4,6 +4,7 @@ runs (rewritten after every finished run; a table of unfinished phases says it i
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,13 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                   "the same student, splits, schedule, calibration and tune seed, checked when "
                   f"the protocol loads): {len(copied)} read from its work dir, not trained "
                   "again.", ""]
+    trained = [r for r in [*settings["calibration_rows"], *state["tune"][1:],
+                           *(state.get("auto") or []), *state["test"]] if r]
+    if trained:
+        by_cpu = Counter(r.get("cpu", "not recorded") for r in trained)
+        lines += ["Machines (runs trained on each; `not recorded`: a run recorded before the "
+                  "runner kept its machine): "
+                  + "; ".join(f"{cpu}: {n}" for cpu, n in sorted(by_cpu.items())) + ".", ""]
     lines += ["## 1. Calibration: the baseline's learning curve on `tune`", ""]
     for c, row in zip(state["calibration"], settings["calibration_rows"]):
         curve = ", ".join(f"{p['iter']}: {p['AP']:.1f}" for p in row.get("curve", []))
@@ -256,7 +264,8 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
         "protocol": protocol["file"], "protocol_sha256": protocol["sha256"],
         "status": status, "calibration": state["calibration"], "choices": state["choices"],
         "headroom": state.get("headroom"),
-        "invocations": len(calls),
+        # a restored entry stands for the invocations whose total it carries (restore_work)
+        "invocations": sum(c.get("invocations", 1) for c in calls),
         "wall_minutes_all_invocations": round(sum(c["wall_s"] for c in calls) / 60, 1),
         "jobs": runner.jobs, "cost": _cost(protocol, runner.work, model_gflops_of),
     }
