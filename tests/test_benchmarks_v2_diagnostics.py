@@ -105,6 +105,24 @@ def test_report_from_recorded_runs(tmp_path):
     assert payload["protocol_sha256"] == smoke["sha256"] and payload["iters"] == 100
     assert [r["run"] for r in payload["runs"]] == [v2.run_name(base), v2.run_name(x1)]
 
+    # a fresh clone: the run jsons come back from the results, the run folders do not; the
+    # entries diagnosed before are kept, saying when they were computed
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for f in work.glob("*.json"):
+        (fresh / f.name).write_text(f.read_text())
+    harmony(fresh / "diag_teacher_h", 0.18, 0.63)
+    diag.main(["--protocol", str(SMOKE), "--work-dir", str(fresh), "--output", str(tmp_path)])
+    again = json.loads((tmp_path / "diagnostics.json").read_text())
+    stamp = {"date": payload["date"], "commit": payload["commit"]}
+    assert again["runs"] == [{**r, "computed": stamp} for r in payload["runs"]]
+    assert f"`{v2.run_name(x1)}` ({payload['date']}, commit" in \
+        (tmp_path / "diagnostics.md").read_text()
+    # ... only from diagnostics of this very protocol file
+    (tmp_path / "diagnostics.json").write_text(json.dumps({**payload, "protocol_sha256": "0"}))
+    with pytest.raises(SystemExit, match="tune_baseline_s100_i100/metrics.json: missing"):
+        diag.main(["--protocol", str(SMOKE), "--work-dir", str(fresh), "--output", str(tmp_path)])
+
 
 def test_refused_before_a_calibration_or_without_a_work_dir(tmp_path):
     with pytest.raises(SystemExit, match="--work-dir .*no such folder"):

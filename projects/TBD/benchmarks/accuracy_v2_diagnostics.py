@@ -130,8 +130,28 @@ def run_dir(runner: Runner, spec: dict, row: dict) -> Path:
     return home / run_name(spec)
 
 
-def diagnose(protocol: dict, runner: Runner, harmony: bool = True) -> dict:
-    """The diagnostics of every finished tune run of ``protocol`` in ``runner``'s work dir."""
+def earlier_entries(path: Path, protocol: dict) -> dict[str, dict]:
+    """The run entries of the diagnostics committed at ``path``, by run name, when they were
+    written under this very protocol file (its sha256); else none. A fresh clone has the
+    benchmark's results (``restore_work``) but not the runs' folders, so the entries of runs
+    diagnosed before are kept rather than lost; each says when and at which commit it was
+    computed."""
+    if not path.is_file():
+        return {}
+    d = json.loads(path.read_text())
+    if d.get("protocol_sha256") != protocol["sha256"]:
+        return {}
+    stamp = {"date": d.get("date"), "commit": d.get("commit")}
+    return {r["run"]: {**r, "computed": r.get("computed", stamp)} for r in d.get("runs", [])}
+
+
+def diagnose(protocol: dict, runner: Runner, harmony: bool = True,
+             earlier: Optional[dict[str, dict]] = None) -> dict:
+    """The diagnostics of every finished tune run of ``protocol`` in ``runner``'s work dir.
+
+    ``earlier``: entries computed before (``earlier_entries``), used for a recorded run whose
+    folder is not in the work dir; a run that has neither is an error."""
+    earlier = earlier or {}
     iters = converged_iters(protocol, runner)
     if iters is None:
         raise ProtocolError(f"{runner.work}: no calibrated schedule is recorded yet; run the "
@@ -151,9 +171,14 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True) -> dict:
             continue
         d = run_dir(runner, spec, row)
         if not (d / "metrics.json").is_file():
+            kept = earlier.get(run_name(spec))
+            if kept is not None and (kept.get("harmony") or not harmony):
+                rows.append(kept)
+                continue
             raise ProtocolError(f"{d / 'metrics.json'}: missing, but {run_name(spec)} is "
-                                "recorded; the run's folder was moved or deleted (pass "
-                                "--work-dir / --baseline-work-dir where it is).")
+                                "recorded and not in the earlier diagnostics; the run's folder "
+                                "was moved or deleted (pass --work-dir / --baseline-work-dir "
+                                "where it is).")
         entry = {"run": run_name(spec), "method": spec["method"],
                  "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
                  "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
@@ -224,6 +249,12 @@ def markdown(d: dict, meta: dict) -> str:
                          f"{_f(None if hp is None else 100 * hp)} | "
                          f"{_f(h['score_iou_spearman'], '.3f')} | {_f(h['mean_score'], '.3f')} | "
                          f"{_f(h['mean_iou'], '.3f')} |")
+    kept = [r for r in d["runs"] if r.get("computed")]
+    if kept:
+        lines += ["", "Kept from the earlier diagnostics (the runs' folders are not in this work "
+                  "dir, e.g. a fresh clone): " + ", ".join(
+                      f"`{r['run']}` ({r['computed']['date']}, commit "
+                      f"`{str(r['computed']['commit'])[:12]}`)" for r in kept) + "."]
     if d["failed"]:
         lines += ["", "Failed tune runs (not diagnosed): " +
                   ", ".join(f"`{f['run']}` ({f['failed']})" for f in d["failed"])]
@@ -249,12 +280,13 @@ def main(argv=None) -> None:
             raise ProtocolError(f"--work-dir {work}: no such folder; run the benchmark first.")
         runner = Runner(protocol, work, 1,
                         Path(args.baseline_work_dir) if args.baseline_work_dir else None)
-        d = diagnose(protocol, runner, harmony=not args.no_harmony)
+        out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / protocol["name"])
+        d = diagnose(protocol, runner, harmony=not args.no_harmony,
+                     earlier=earlier_entries(out / "diagnostics.json", protocol))
     except ProtocolError as e:
         sys.exit(str(e))
     from tbd.checkpoint import atomic_write_text
 
-    out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / protocol["name"])
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(),
             "command": command_line() if argv is None else " ".join(["accuracy_v2_diagnostics.py",
