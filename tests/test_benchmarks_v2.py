@@ -371,6 +371,20 @@ def test_runner_resumes_an_interrupted_run_and_skips_recorded_ones(tmp_path, smo
     assert "--resume" not in fake.calls[1]
 
 
+def test_the_teacher_cache_goes_to_distilled_runs_only_and_is_recorded(tmp_path, smoke,
+                                                                       monkeypatch):
+    fake = FakeTrainNet()
+    monkeypatch.setattr(v2, "run_logged", fake)
+    runner = v2.Runner(smoke, tmp_path, jobs=1, teacher_cache_mb=512.0)
+    base, (x1, _) = v2.calibration_spec(smoke, 100), v2.tune_specs(smoke, 100, ["tbd"])
+    assert "teacher_cache_mb" not in runner.train(base)
+    assert runner.train(x1)["teacher_cache_mb"] == 512.0
+    assert "MODEL.DISTILL.TEACHER.CACHE_MB" not in fake.calls[0]
+    assert fake.calls[1][fake.calls[1].index("MODEL.DISTILL.TEACHER.CACHE_MB") + 1] == "512.0"
+    v2.Runner(smoke, tmp_path / "off", jobs=1).train(x1)
+    assert "MODEL.DISTILL.TEACHER.CACHE_MB" not in fake.calls[2]  # off by default
+
+
 def test_runner_records_a_divergence_as_the_runs_outcome(tmp_path, smoke, monkeypatch):
     monkeypatch.setattr(v2, "run_logged", FakeTrainNet(diverge=True))
     runner = v2.Runner(smoke, tmp_path, jobs=1)

@@ -34,6 +34,7 @@ from detectron2.modeling.meta_arch import RetinaNet
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -58,6 +59,7 @@ from .teacher import (
     teacher_fingerprint,
     teacher_images,
 )
+from .teacher_cache import TeacherOutputCache
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +68,11 @@ class PairedImages(ImageList):
     """The student's preprocessed batch, carrying the same images in the teacher's own
     preprocessing (``teacher``), so that ``forward_training`` can run the teacher."""
 
-    def __init__(self, student: ImageList, teacher: ImageList):
+    def __init__(self, student: ImageList, teacher: ImageList,
+                 cache_keys: Optional[list[bytes]] = None):
         super().__init__(student.tensor, student.image_sizes)
         self.teacher = teacher
+        self.cache_keys = cache_keys  # per sample, for the teacher's output cache
 
 
 @dataclass
@@ -120,6 +124,7 @@ class DistillMixin:
         auto_weight: Optional[dict] = None,
         levels: Optional[list[str]] = None,
         teacher_levels: Optional[list[str]] = None,
+        teacher_cache_mb: float = 0.0,
     ) -> None:
         """Attach the teacher and distillers (called by ``__init__`` after the stock one).
 
@@ -127,6 +132,8 @@ class DistillMixin:
         weights (:class:`tbd.modeling.auto_weight.AutoWeight`); None keeps the configured ones.
         ``levels``: the student's FPN levels whose features are distilled (default: the head's),
         paired with the teacher's ``teacher_levels`` (same strides; default: the same names).
+        ``teacher_cache_mb``: > 0 keeps the teacher's outputs per training input in memory, up
+        to that many MB (:class:`tbd.modeling.teacher_cache.TeacherOutputCache`).
         """
         self.distillers = nn.ModuleDict(distillers)
         self.distill_levels = list(levels) if levels is not None else list(self.head_in_features)
@@ -161,6 +168,14 @@ class DistillMixin:
         if teacher is None and len(self.distillers):
             raise TeacherError("Distillers were given without a teacher.")
         self._internals = self._record_head_internals()
+        self.teacher_cache = None
+        if teacher_cache_mb > 0 and teacher is not None:
+            if self._internals is not None:  # recorded during the teacher's forward, each step
+                logger.info("MODEL.DISTILL.TEACHER.CACHE_MB=%s: not used, the distillers %s read "
+                            "the teacher head's internals, recorded by its forward.",
+                            teacher_cache_mb, sorted(self.distillers))
+            else:
+                self.teacher_cache = TeacherOutputCache(teacher_cache_mb)
 
     def _record_head_internals(self) -> Optional[tuple[HeadInternals, HeadInternals]]:
         """(student, teacher) recorders of the head maps the distillers that declare
@@ -217,6 +232,7 @@ class DistillMixin:
                             if auto.ENABLED else None),
             "levels": [s for s, _ in pairs],
             "teacher_levels": [t for _, t in pairs],
+            "teacher_cache_mb": cfg.MODEL.DISTILL.TEACHER.CACHE_MB,
         }
 
     # ------------------------------------------------------------------------------- teacher
@@ -249,22 +265,33 @@ class DistillMixin:
 
     def _paired(self, images: ImageList, batched_inputs: list[dict]) -> PairedImages:
         """``images`` with the same batch in the teacher's own preprocessing."""
-        return PairedImages(images, teacher_images(self.teacher, batched_inputs, images,
-                                                   self.input_format, self.teacher_input_format))
+        teacher = teacher_images(self.teacher, batched_inputs, images, self.input_format,
+                                 self.teacher_input_format)
+        keys = None if self.teacher_cache is None else \
+            self.teacher_cache.keys(batched_inputs, tuple(teacher.tensor.shape[-2:]))
+        return PairedImages(images, teacher, keys)
 
     def teacher_taps(self, images: PairedImages) -> DenseTaps:
         """The teacher's FPN features at ``teacher_levels`` and, when a distiller reads them, its
         head outputs and anchors, on its own input, without gradient."""
-        t = self.teacher
+        t, cache = self.teacher, self.teacher_cache
+        keys = getattr(images, "cache_keys", None) if cache is not None else None
+        padded = tuple(images.teacher.tensor.shape[-2:])
         with torch.no_grad(), record_function("tbd.teacher_forward"):
-            feats = t.backbone(images.teacher.tensor)
-            predictions, anchors = [], None
-            if self.uses_teacher_head:
-                head_feats = [feats[f] for f in t.head_in_features]
-                predictions = list(t.head(head_feats))
-                anchors = t.anchor_generator(head_feats)
-            taps = DenseTaps(images.teacher, [feats[n] for n in self.teacher_levels],
-                             predictions, anchors=anchors)
+            served = cache.get(keys, padded) if keys is not None else None
+            if served is not None:
+                levels, predictions, anchors = served
+            else:
+                feats = t.backbone(images.teacher.tensor)
+                predictions, anchors = [], None
+                if self.uses_teacher_head:
+                    head_feats = [feats[f] for f in t.head_in_features]
+                    predictions = list(t.head(head_feats))
+                    anchors = t.anchor_generator(head_feats)
+                levels = [feats[n] for n in self.teacher_levels]
+                if keys is not None:
+                    cache.put(keys, padded, levels, predictions, anchors)
+            taps = DenseTaps(images.teacher, levels, predictions, anchors=anchors)
         if self._internals is not None:
             taps.internals = self._internals[1].take()
         return taps
@@ -315,6 +342,10 @@ class DistillMixin:
         # Always multiply, never skip: every adapter takes part in every step (DDP-safe).
         losses.update({k: v * factor for k, v in raw.items()})
         self.diagnostics.record(it, raw, diag, factor)
+        if it is not None and self.teacher_cache is not None:
+            get_event_storage().put_scalars(**{f"distill/teacher_cache_{k}": v for k, v in
+                                               self.teacher_cache.stats().items()},
+                                            smoothing_hint=False)
         return losses
 
     def distillation_terms(self, inputs: DistillInputs, reserved: set[str]

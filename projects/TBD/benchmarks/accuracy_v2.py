@@ -274,8 +274,10 @@ class Runner:
     """Runs (or reads) the protocol's runs in ``work``; ``jobs`` at a time."""
 
     def __init__(self, protocol: dict, work: Path, jobs: int,
-                 baseline_work: Optional[Path] = None):
+                 baseline_work: Optional[Path] = None, teacher_cache_mb: float = 0.0):
         self.p, self.work, self.jobs = protocol, work, jobs
+        # a speed option, not part of the protocol: the same training (tests/test_teacher_cache)
+        self.teacher_cache_mb = teacher_cache_mb
         self.env = {"OMP_NUM_THREADS": "1"} if jobs > 1 else {}
         # where the baseline runs of ``baseline_from`` are recorded (default: its work dir)
         source = protocol.get("baseline_from")
@@ -294,8 +296,10 @@ class Runner:
         name, cfg = run_name(spec), str(ROOT / self.p["student"]["config"])
         out, log = self.work / name, self.work / f"{name}.log"
         resume = (out / "last_checkpoint").is_file()
+        cache = self.teacher_cache_mb if method_of(self.p, spec["method"])["losses"] else 0.0
         cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", cfg,
-               *(["--resume"] if resume else []), *train_opts(self.p, spec, out)]
+               *(["--resume"] if resume else []), *train_opts(self.p, spec, out),
+               *(["MODEL.DISTILL.TEACHER.CACHE_MB", str(cache)] if cache else [])]
         t0 = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {'resuming' if resume else 'training'} {name}",
               flush=True)
@@ -316,7 +320,7 @@ class Runner:
                "curve": curve_of(out / "metrics.json", spec["iters"]),
                "infer_s_per_image": infer_time(log), "resumed": resume,
                # a profile that spans sittings may span machines: its times are per machine
-               "cpu": cpu_name()}
+               "cpu": cpu_name(), **({"teacher_cache_mb": cache} if cache else {})}
         if spec["split"] == "test":
             row.update(self.harmony(cfg, str(out / "model_final.pth"), self.work / f"{name}_h",
                                     train_opts(self.p, spec, out)))
@@ -534,6 +538,10 @@ def main(argv=None) -> None:
     p.add_argument("--baseline-work-dir", default=None, help="with a protocol's "
                    "'baseline_from': the work dir of that protocol (default "
                    "output/benchmarks/<its name>)")
+    p.add_argument("--teacher-cache-mb", type=float, default=0.0, help="distilled runs keep "
+                   "the teacher's outputs per training input, up to this many MB each "
+                   "(MODEL.DISTILL.TEACHER.CACHE_MB): faster, the same training; recorded in "
+                   "each run's row. Default 0: off")
     args = p.parse_args(argv)
     try:
         protocol = load_protocol(args.protocol)
@@ -542,7 +550,8 @@ def main(argv=None) -> None:
     name = protocol["name"]
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / name)
     runner = Runner(protocol, Path(args.work_dir or ROOT / "output/benchmarks" / name), args.jobs,
-                    Path(args.baseline_work_dir) if args.baseline_work_dir else None)
+                    Path(args.baseline_work_dir) if args.baseline_work_dir else None,
+                    args.teacher_cache_mb)
     from tbd_benchmarks.accuracy import record_invocation
     from tbd_benchmarks.accuracy_v2_report import write_report
 
