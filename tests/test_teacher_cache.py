@@ -3,6 +3,7 @@ without it, bit for bit, and it serves the batches whose inputs all came before.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -113,3 +114,31 @@ def test_a_bad_size_is_refused_naming_the_key(tmp_path, value):
     cfg.MODEL.DISTILL.TEACHER.CACHE_MB = value
     with pytest.raises(ConfigError, match="MODEL.DISTILL.TEACHER.CACHE_MB must be a number"):
         build_model(cfg)
+
+
+def test_the_real_pair_check_compares_training_values_only(tmp_path):
+    from tbd_benchmarks.teacher_cache_check import compare_metrics, same_weights
+
+    def lines(path, rows):
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        return path
+
+    plain = lines(tmp_path / "a.json", [
+        {"iteration": 19, "total_loss": 2.5, "time": 0.30, "lr": 0.03},
+        {"iteration": 39, "total_loss": 2.25, "time": 0.31, "memory/rss_mb": 900.0}])
+    cached = lines(tmp_path / "b.json", [
+        {"iteration": 19, "total_loss": 2.5, "time": 0.20, "lr": 0.03,
+         "distill/teacher_cache_served": 0.0},
+        {"iteration": 39, "total_loss": 2.25, "time": 0.21, "memory/rss_mb": 990.0,
+         "distill/teacher_cache_served": 0.5}])
+    m = compare_metrics(plain, cached)  # times, memory and the cache's own values differ only
+    assert (m["num_differences"], m["iterations_compared"], m["served_share_at_end"]) == (0, 2, 0.5)
+    off = lines(tmp_path / "c.json", [{"iteration": 19, "total_loss": 2.5, "lr": 0.03},
+                                      {"iteration": 39, "total_loss": 2.2500001}])
+    m = compare_metrics(plain, off)
+    assert m["num_differences"] == 1 and m["differences"][0]["key"] == "total_loss"
+    w = {"a": torch.ones(2), "b": torch.zeros(3)}
+    torch.save({"model": w}, tmp_path / "x.pth")
+    torch.save({"model": {**w, "b": torch.tensor([0.0, 0.0, 1e-30])}}, tmp_path / "y.pth")
+    assert same_weights(tmp_path / "x.pth", tmp_path / "x.pth") == {"tensors": 2, "differ": []}
+    assert same_weights(tmp_path / "x.pth", tmp_path / "y.pth")["differ"] == ["b"]
