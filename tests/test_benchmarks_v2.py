@@ -221,6 +221,31 @@ def test_a_fresh_work_dir_gets_the_committed_runs_back_and_trains_none_again(tmp
     assert json.loads((tmp_path / "fresh/tune_tbd_x2_s100_i100.json").read_text())["AP"] == 1.0
 
 
+def test_a_stop_file_lets_the_runs_in_progress_finish_and_starts_no_other(tmp_path, monkeypatch,
+                                                                          capsys):
+    work = tmp_path / "work"
+    fake = FakeTrainNet(evaluations=5)
+
+    def touching_stop(cmd, log, env=None):  # the user asks for a stop during the first run
+        fake(cmd, log, env)
+        (work / "STOP").touch()
+
+    monkeypatch.setattr(v2, "run_logged", touching_stop)
+    monkeypatch.setattr(v2, "eval_bbox", lambda config, weights, dataset, out, log, env=None:
+                        {"AP": 48.4})
+    monkeypatch.setattr(v2, "model_gflops", lambda config, size: {"total": 0.5})
+    args = ["--protocol", str(PROTOCOLS / "accuracy_v2_smoke.yaml"), "--phase", "tune",
+            "--work-dir", str(work), "--output", str(tmp_path / "res")]
+    v2.main(args)  # returns: a stop is not a failure
+    assert len(fake.calls) == 1 and (work / "tune_baseline_s100_i100.json").is_file()
+    assert "stopped: the work dir has a STOP file" in capsys.readouterr().out
+    assert "tune 0/2 runs" in (tmp_path / "res/results.md").read_text()
+    (work / "STOP").unlink()
+    monkeypatch.setattr(v2, "run_logged", fake)
+    v2.main(args)  # continues where it stopped
+    assert len(fake.calls) == 3
+
+
 def test_results_of_another_protocol_version_are_not_restored(tmp_path, smoke, caplog):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"settings": {"protocol_sha256": "0" * 64}, "rows": [

@@ -80,6 +80,10 @@ class ProtocolError(ValueError):
     """A protocol file that cannot be run; the message names the file and the key."""
 
 
+class StopRequested(Exception):
+    """A ``STOP`` file in the work dir: the runs in progress finish, no other starts."""
+
+
 def load_protocol(path: str | os.PathLike) -> dict:
     """The protocol file, checked: every key the benchmark reads exists with the right type."""
     path = Path(path)
@@ -293,6 +297,8 @@ class Runner:
         row = self.recorded(spec) or self.shared_baseline(spec)
         if row is not None:
             return row
+        if (self.work / "STOP").exists():
+            raise StopRequested(run_name(spec))
         name, cfg = run_name(spec), str(ROOT / self.p["student"]["config"])
         out, log = self.work / name, self.work / f"{name}.log"
         resume = (out / "last_checkpoint").is_file()
@@ -388,7 +394,7 @@ class Runner:
         """Train ``specs`` (recorded ones are read first), ``on_done()`` after each."""
         rows = {i: r for i, s in enumerate(specs) if (r := self.recorded(s)) is not None}
         todo = [i for i in range(len(specs)) if i not in rows]
-        errors = []
+        errors, stopped = [], False
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             futures = {pool.submit(self.train, specs[i]): i for i in todo}
             for fut in tqdm(as_completed(futures), total=len(futures), desc="Runs", disable=None):
@@ -396,10 +402,16 @@ class Runner:
                     continue
                 try:
                     rows[futures[fut]] = fut.result()
+                except StopRequested:  # the runs in progress finish, no other starts
+                    stopped = True
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    continue
                 except Exception as e:  # noqa: BLE001 - record the rest, start no more
                     errors.append((run_name(specs[futures[fut]]), e))
                     pool.shutdown(wait=False, cancel_futures=True)
                 on_done()
+        if stopped and not errors:
+            raise StopRequested(str(self.work / "STOP"))
         if errors:
             raise RuntimeError(f"{len(errors)} run(s) failed: {[n for n, _ in errors]}; see their "
                                f"logs in {self.work}") from errors[0][1]
@@ -547,6 +559,15 @@ def main(argv=None) -> None:
         protocol = load_protocol(args.protocol)
     except ProtocolError as e:
         sys.exit(str(e))
+    try:
+        _main(args, protocol)
+    except StopRequested:
+        print(f"[{time.strftime('%H:%M:%S')}] stopped: the work dir has a STOP file (the runs in "
+              "progress were finished and recorded, no other was started); delete it and run "
+              "the same command to continue.", flush=True)
+
+
+def _main(args, protocol: dict) -> None:
     name = protocol["name"]
     out = Path(args.output or ROOT / "projects/TBD/benchmarks/results" / name)
     runner = Runner(protocol, Path(args.work_dir or ROOT / "output/benchmarks" / name), args.jobs,
