@@ -116,6 +116,9 @@ def test_a_bad_size_is_refused_naming_the_key(tmp_path, value):
         build_model(cfg)
 
 
+NAN = float("nan")
+
+
 def test_the_real_pair_check_compares_training_values_only(tmp_path):
     from tbd_benchmarks.teacher_cache_check import compare_metrics, same_weights
 
@@ -131,10 +134,13 @@ def test_the_real_pair_check_compares_training_values_only(tmp_path):
          "distill/teacher_cache_served": 0.0},
         {"iteration": 39, "total_loss": 2.25, "time": 0.21, "memory/rss_mb": 990.0,
          "distill/teacher_cache_served": 0.5}])
+    for path in (plain, cached):  # an AP without its boxes is NaN in both: not a difference
+        path.write_text(path.read_text() + "\n" + json.dumps({"iteration": 40, "bbox/APl": NAN}))
     m = compare_metrics(plain, cached)  # times, memory and the cache's own values differ only
-    assert (m["num_differences"], m["iterations_compared"], m["served_share_at_end"]) == (0, 2, 0.5)
+    assert (m["num_differences"], m["iterations_compared"], m["served_share_at_end"]) == (0, 3, 0.5)
     off = lines(tmp_path / "c.json", [{"iteration": 19, "total_loss": 2.5, "lr": 0.03},
-                                      {"iteration": 39, "total_loss": 2.2500001}])
+                                      {"iteration": 39, "total_loss": 2.2500001},
+                                      {"iteration": 40, "bbox/APl": NAN}])
     m = compare_metrics(plain, off)
     assert m["num_differences"] == 1 and m["differences"][0]["key"] == "total_loss"
     w = {"a": torch.ones(2), "b": torch.zeros(3)}

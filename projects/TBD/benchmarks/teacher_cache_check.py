@@ -51,8 +51,9 @@ def compare_metrics(plain: Path, cached: Path) -> dict:
         for k in sorted(set(ra) | set(rb)):
             if k.startswith(NOT_TRAINING) or k == "iteration":
                 continue
-            if ra.get(k) != rb.get(k):
-                differ.append({"iteration": it, "key": k, "plain": ra.get(k), "cached": rb.get(k)})
+            va, vb = ra.get(k), rb.get(k)
+            if va != vb and not (va != va and vb != vb):  # NaN (e.g. APl without large boxes)
+                differ.append({"iteration": it, "key": k, "plain": va, "cached": vb})
     served = [r["distill/teacher_cache_served"] for _, r in sorted(b.items())
               if "distill/teacher_cache_served" in r]
     return {"iterations_compared": len(set(a) & set(b)), "differences": differ[:20],
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache-mb", type=float, default=512.0)
     p.add_argument("--output", default=None)
     p.add_argument("--work-dir", default=None)
+    p.add_argument("--reuse", action="store_true", help="compare the two runs already in the "
+                   "work dir (both finished) instead of training them again")
     args = p.parse_args(argv)
     try:
         protocol = load_protocol(args.protocol)
@@ -100,6 +103,8 @@ def main(argv=None) -> None:
 
     def run(name: str, extra: list[str]) -> Path:
         out = work / name
+        if args.reuse and (out / "model_final.pth").is_file():
+            return out
         cmd = [sys.executable, "projects/TBD/train_net.py", "--config-file", cfg,
                *train_opts(protocol, spec, out), "TEST.EVAL_PERIOD", "0", *extra]
         run_logged(cmd, work / f"{name}.log", {"OMP_NUM_THREADS": "1"})
