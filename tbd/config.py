@@ -105,10 +105,11 @@ def add_tbd_config(cfg: CN) -> None:
     # skip the teacher's forward for a batch whose inputs all came before (the same image with
     # the same augmentation). The frozen teacher's outputs for an input never change, so the
     # training is the same with or without it; worth it on small datasets with fixed sizes and
-    # flips only (the teacher is a third of a step on the synthetic data), useless under random
-    # scales or crops. Memory: a sample's teacher FPN features and head outputs (about 25 KB at
-    # 64x64 px with 64 channels; megabytes at COCO sizes), on the model's device. Not used with
-    # distillers that read the teacher head's internals (CrossKD). 0: off [ours].
+    # flips only (the synthetic data: projects/TBD/benchmarks/teacher_cache_check.py), useless
+    # under random scales or crops. Memory: a sample's teacher FPN features and head outputs
+    # (about 25 KB at 64x64 px with 64 channels; megabytes at COCO sizes), on the model's
+    # device. Not used with distillers that read the teacher head's internals (CrossKD).
+    # 0: off [ours].
     _C.MODEL.DISTILL.TEACHER.CACHE_MB = 0.0
 
     for name, distiller in registered_distillers().items():

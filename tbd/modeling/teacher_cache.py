@@ -4,7 +4,7 @@ The teacher is frozen and in eval mode (BN and GN statistics are per sample or f
 outputs for one input never change, and one sample's outputs do not depend on the other samples
 of its batch. On a small dataset with few augmentations the same inputs come back every epoch
 (the synthetic benchmark: each image with or without its horizontal flip), and the teacher's
-forward, a third of a distilled step there, can be skipped: a batch whose samples are all cached
+forward can be skipped: a batch whose samples are all cached
 is served from the cache; any other batch runs the teacher on the whole batch, as without the
 cache, and keeps its new samples. With random scales or crops almost nothing repeats, and the
 cache only costs a hash per image.
