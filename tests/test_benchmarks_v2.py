@@ -592,7 +592,7 @@ def test_report_says_which_baseline_runs_were_shared(tmp_path, smoke):
                  model_gflops_of=lambda c: {"total": 0.5})
     md = (tmp_path / "res" / "results.md").read_text()
     assert f"Baseline runs are shared with `{SMOKE_FILE}` (sha256 `{smoke['sha256'][:12]}`" in md
-    assert "1 read from its work dir, not trained again." in md
+    assert "1 are its runs (read from its work dir or its results), not trained again." in md
     assert f"**converged** (the run of `{SMOKE_FILE}`: the same baseline run)." in md
 
 

@@ -57,8 +57,8 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                   if r and r.get("copied_from")}
         lines += [f"Baseline runs are shared with `{src['file']}` (sha256 `{src['sha256'][:12]}`; "
                   "the same student, splits, schedule, calibration and tune seed, checked when "
-                  f"the protocol loads): {len(copied)} read from its work dir, not trained "
-                  "again.", ""]
+                  f"the protocol loads): {len(copied)} are its runs (read from its work dir or "
+                  "its results), not trained again.", ""]
     trained = [r for r in [*settings["calibration_rows"], *state["tune"][1:],
                            *(state.get("auto") or []), *state["test"]] if r]
     if trained:
