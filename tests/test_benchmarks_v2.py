@@ -246,6 +246,23 @@ def test_a_stop_file_lets_the_runs_in_progress_finish_and_starts_no_other(tmp_pa
     assert len(fake.calls) == 3
 
 
+def test_a_failed_run_lets_the_others_in_progress_finish_and_starts_no_other(tmp_path, smoke,
+                                                                            monkeypatch):
+    calls = []
+
+    def broken(cmd, log, env=None):  # not a divergence: the benchmark must stop
+        calls.append(cmd)
+        log.write_text("Traceback\nOSError: disk full\n")
+        raise RuntimeError("train_net.py failed")
+
+    monkeypatch.setattr(v2, "run_logged", broken)
+    specs = v2.tune_specs(smoke, 100) + v2.test_specs(smoke, 100, {}, ["baseline"])
+    assert len(specs) >= 3
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed"):
+        v2.Runner(smoke, tmp_path, jobs=1).train_all(specs, lambda: None)
+    assert len(calls) == 1  # the runs queued behind it returned without training
+
+
 def test_results_of_another_protocol_version_are_not_restored(tmp_path, smoke, caplog):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"settings": {"protocol_sha256": "0" * 64}, "rows": [

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -395,20 +396,35 @@ class Runner:
         rows = {i: r for i, s in enumerate(specs) if (r := self.recorded(s)) is not None}
         todo = [i for i in range(len(specs)) if i not in rows]
         errors, stopped = [], False
+        # After a failure or a stop, the runs not yet started return at once (a future cancelled
+        # by ``shutdown(cancel_futures=True)`` is never reported to ``as_completed``: it would
+        # wait for it forever).
+        halt = threading.Event()
+
+        def job(i: int) -> Optional[dict]:
+            if halt.is_set():
+                return None
+            try:
+                return self.train(specs[i])
+            except BaseException:
+                halt.set()  # here, before this worker takes the next run
+                raise
+
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = {pool.submit(self.train, specs[i]): i for i in todo}
+            futures = {pool.submit(job, i): i for i in todo}
             for fut in tqdm(as_completed(futures), total=len(futures), desc="Runs", disable=None):
-                if fut.cancelled():
-                    continue
                 try:
-                    rows[futures[fut]] = fut.result()
+                    row = fut.result()
                 except StopRequested:  # the runs in progress finish, no other starts
                     stopped = True
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    halt.set()
                     continue
                 except Exception as e:  # noqa: BLE001 - record the rest, start no more
                     errors.append((run_name(specs[futures[fut]]), e))
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    halt.set()
+                    row = None
+                if row is not None:
+                    rows[futures[fut]] = row
                 on_done()
         if stopped and not errors:
             raise StopRequested(str(self.work / "STOP"))
