@@ -422,10 +422,11 @@ class Runner:
                 except Exception as e:  # noqa: BLE001 - record the rest, start no more
                     errors.append((run_name(specs[futures[fut]]), e))
                     halt.set()
-                    row = None
-                if row is not None:
+                    on_done()
+                    continue
+                if row is not None:  # None: a run that halt kept from starting
                     rows[futures[fut]] = row
-                on_done()
+                    on_done()
         if stopped and not errors:
             raise StopRequested(str(self.work / "STOP"))
         if errors:
