@@ -3,6 +3,8 @@ its runner's bookkeeping (resume, recorded runs, divergences) with a fake ``trai
 
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +191,27 @@ def test_phase_tune_trains_the_tune_runs_and_never_reads_test(tmp_path, smoke, m
     assert "tune 2/2 runs, test 0/" in md and f"{cpu_name()}: 3." in md
 
 
+def test_the_whole_smoke_profile_runs_every_run_once_in_order(tmp_path, smoke, monkeypatch):
+    fake = FakeTrainNet(evaluations=5)
+    monkeypatch.setattr(v2, "run_logged", fake)
+    monkeypatch.setattr(v2, "eval_bbox", lambda config, weights, dataset, out, log, env=None:
+                        {"AP": 48.4})
+    monkeypatch.setattr(v2, "model_gflops", lambda config, size: {"total": 0.5})
+    monkeypatch.setattr(v2.Runner, "harmony", lambda *a: {"harmonious_proportion": 0.2,
+                                                          "score_iou_spearman": 0.6})
+    v2.main(["--protocol", str(PROTOCOLS / "accuracy_v2_smoke.yaml"), "--work-dir",
+             str(tmp_path / "work"), "--output", str(tmp_path / "res")])
+    trained = [Path(c[c.index("OUTPUT_DIR") + 1]).name for c in fake.calls]
+    # one worker: the calibration, then the order of ``stages``; TBD's choice is x1 (equal
+    # tune APs: the multiplier closest to 1)
+    assert trained == ["tune_baseline_s100_i100", "tune_tbd_x1_s100_i100",
+                       "tune_tbd_x2_s100_i100", "test_baseline_s0_i100", "test_baseline_s1_i100",
+                       "test_tbd_x1_s0_i100", "test_tbd_x1_s1_i100", "tune_tbd_auto_s100_i100"]
+    assert json.loads((tmp_path / "work/choices.json").read_text()) == {"tbd": 1.0}
+    assert json.loads((tmp_path / "res/results.json").read_text())["settings"]["status"] == \
+        "complete"
+
+
 def test_a_fresh_work_dir_gets_the_committed_runs_back_and_trains_none_again(tmp_path, smoke,
                                                                              monkeypatch):
     fake = FakeTrainNet(evaluations=5)
@@ -342,6 +365,96 @@ def test_stages_give_tbd_against_the_baseline_first_and_depend_only_on_earlier_o
     distilled = [m["name"] for m in protocol["methods"] if m["losses"]]
     assert sorted(flat) == sorted([("tune", m) for m in distilled]
                                   + [("test", m["name"]) for m in protocol["methods"]])
+
+
+class GatedRunner(v2.Runner):
+    """A runner whose runs end when the test says so: which runs train at once is observable."""
+
+    def __init__(self, protocol, work, jobs):
+        super().__init__(protocol, work, jobs)
+        self.events, self.gates, self.lock = [], {}, threading.Lock()
+
+    def gate(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
+
+    def train(self, spec):
+        name = v2.run_name(spec)
+        self.events.append(("start", name))
+        assert self.gate(name).wait(10), f"{name} was never let finish"
+        self.events.append(("end", name))
+        return {**spec, "AP": 1.0}
+
+    def running(self) -> set[str]:
+        started = {n for e, n in self.events if e == "start"}
+        return started - {n for e, n in self.events if e == "end"}
+
+    def finish(self, name: str, then_running: set[str]) -> None:
+        """Let ``name`` end, then wait until exactly ``then_running`` train."""
+        self.gate(name).set()
+        deadline = time.time() + 10
+        while self.running() != then_running or ("end", name) not in self.events:
+            assert time.time() < deadline, f"running {self.running()}, not {then_running}"
+            time.sleep(0.01)
+
+
+def spec_named(name: str) -> dict:
+    return {"split": "tune", "method": name, "multiplier": None, "seed": 0, "iters": 1}
+
+
+def test_a_worker_takes_the_next_stages_run_while_the_last_run_of_a_stage_trains(tmp_path,
+                                                                                smoke):
+    a, b1, b2, c, d = (spec_named(n) for n in ("a", "b1", "b2", "c", "d"))
+    made = []
+
+    def after_a() -> list[dict]:  # called once ``a`` is recorded (a choice is frozen here)
+        made.append([e for e in runner.events if e[0] == "end"])
+        return [c]
+
+    groups = [v2.Group([], lambda: [a]), v2.Group([], lambda: [b1, b2]),
+              v2.Group([a], after_a), v2.Group([], lambda: [d])]
+    runner = GatedRunner(smoke, tmp_path, jobs=2)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(runner.train_groups(groups, list)))
+    thread.start()
+    names = {s["method"]: v2.run_name(s) for s in (a, b1, b2, c, d)}
+    deadline = time.time() + 10
+    while runner.running() != {names["a"], names["b1"]}:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert made == []  # c's group is not made before a is recorded
+    runner.finish(names["a"], {names["b1"], names["b2"]})  # b2 comes before c in the order
+    assert made == [[("end", names["a"])]]
+    # the last run of the first groups trains: the free worker takes c, not nothing
+    runner.finish(names["b1"], {names["b2"], names["c"]})
+    runner.finish(names["b2"], {names["c"], names["d"]})
+    runner.finish(names["c"], {names["d"]})
+    runner.finish(names["d"], set())
+    thread.join(10)
+    assert sorted(result) == sorted(names.values())
+
+
+def test_a_group_after_a_run_no_group_trains_is_an_error_not_a_silent_end(tmp_path, smoke):
+    runner = v2.Runner(smoke, tmp_path, jobs=1)
+    with pytest.raises(RuntimeError, match="runs never started"):
+        runner.train_groups([v2.Group([spec_named("nowhere")], lambda: [spec_named("x")])], list)
+
+
+def test_groups_freeze_a_choice_once_its_tune_runs_are_recorded(smoke):
+    frozen, choices = [], {}
+
+    def freeze(method: str) -> None:
+        frozen.append(method)
+        choices[method] = 2.0
+
+    got = v2.groups(smoke, 100, choices, freeze)
+    assert [g.after for g in got] == [[], [], v2.tune_specs(smoke, 100, ["tbd"]), []]
+    assert [s["method"] for s in got[0].specs()] == ["tbd", "tbd"]  # tune, x1 and x2
+    assert {s["method"] for s in got[1].specs()} == {"baseline"} and frozen == []
+    tests = got[2].specs()
+    assert frozen == ["tbd"] and {(s["method"], s["multiplier"]) for s in tests} == {("tbd", 2.0)}
+    assert [s["seed"] for s in tests] == smoke["test"]["seeds"]
+    assert all(s.get("auto") for s in got[3].specs())
 
 
 def test_train_opts_give_every_run_the_protocol_schedule(smoke):

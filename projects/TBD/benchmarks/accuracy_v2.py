@@ -21,9 +21,11 @@ seeds, the failure rule and the statistics.
    (with the harmony analysis). ``--phase tune`` stops before this step: an investigation
    profile (several settings of one method, one tune run each) never reads ``test``.
 
-Tuning and test runs go in stages (``stages``): TBD's tune runs beside the baseline's test runs,
-then TBD's test runs beside the next method's tune runs, and so on, so the first answer comes
-early and each method's row completes in turn.
+Tuning and test runs go in the order of ``stages``: TBD's tune runs and the baseline's test runs,
+then TBD's test runs and the next method's tune runs, and so on, so the first answer comes early
+and each method's row completes in turn. A run waits only for the runs it needs (a method's test
+runs for its tune runs), never for the end of a stage: a free worker takes the first run that
+can start.
 
 Every run is a ``train_net.py`` subprocess in ``--work-dir`` with periodic checkpoints: an
 interrupted run resumes from its last checkpoint (``--resume``, exact), finished runs are kept
@@ -40,11 +42,10 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import yaml
 from tqdm import tqdm
@@ -275,6 +276,13 @@ def analyze_harmony(split: str, config: str, weights: str, out: Path, opts: list
     return json.loads((out / "harmony.json").read_text())
 
 
+class Group(NamedTuple):
+    """Runs (``specs()``) that may start once the runs ``after`` are recorded."""
+
+    after: list[dict]
+    specs: Callable[[], list[dict]]
+
+
 class Runner:
     """Runs (or reads) the protocol's runs in ``work``; ``jobs`` at a time."""
 
@@ -391,48 +399,72 @@ class Runner:
         return {"teacher_AP": row["AP"], "baseline_AP": base, "gap": gap, "min_ap": need,
                 "passed": gap >= need}
 
-    def train_all(self, specs: list[dict], on_done) -> list[dict]:
+    def train_all(self, specs: list[dict], on_done: Callable[[], None]) -> list[dict]:
         """Train ``specs`` (recorded ones are read first), ``on_done()`` after each."""
-        rows = {i: r for i, s in enumerate(specs) if (r := self.recorded(s)) is not None}
-        todo = [i for i in range(len(specs)) if i not in rows]
-        errors, stopped = [], False
-        # After a failure or a stop, the runs not yet started return at once (a future cancelled
-        # by ``shutdown(cancel_futures=True)`` is never reported to ``as_completed``: it would
-        # wait for it forever).
-        halt = threading.Event()
+        rows = self.train_groups([Group([], lambda: specs)], on_done)
+        return [rows[run_name(s)] for s in specs]
 
-        def job(i: int) -> Optional[dict]:
-            if halt.is_set():
-                return None
-            try:
-                return self.train(specs[i])
-            except BaseException:
-                halt.set()  # here, before this worker takes the next run
-                raise
+    def train_groups(self, groups: list[Group], on_done: Callable[[], None]) -> dict[str, dict]:
+        """Train the groups' runs ``jobs`` at a time; return every row by run name.
+
+        A group's runs are queued once the runs in its ``after`` are recorded (``specs()`` is
+        called then: it may freeze a choice), and a free worker takes the first queued run in
+        the groups' order. So no worker waits for a stage to end while another run of it
+        trains: a run that depends on nothing unfinished takes the worker. After a failed run
+        or a ``STOP`` file, the runs in progress finish and no other starts.
+        """
+        rows: dict[str, dict] = {}
+        waiting = list(range(len(groups)))
+        queue: list[tuple[int, int, dict]] = []  # (group, position in it, spec)
+        running: dict[Future, dict] = {}
+        errors: list[tuple[str, BaseException]] = []
+        stopped = False
+        bar = tqdm(total=0, desc="Runs", disable=None)
+
+        def release() -> None:
+            for g in list(waiting):
+                if all(run_name(s) in rows or self.recorded(s) for s in groups[g].after):
+                    waiting.remove(g)
+                    for k, spec in enumerate(groups[g].specs()):
+                        if (row := self.recorded(spec)) is not None:
+                            rows[run_name(spec)] = row
+                        else:
+                            queue.append((g, k, spec))
+                            bar.total += 1
+            queue.sort(key=lambda item: item[:2])
+            bar.refresh()
 
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = {pool.submit(job, i): i for i in todo}
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="Runs", disable=None):
-                try:
-                    row = fut.result()
-                except StopRequested:  # the runs in progress finish, no other starts
-                    stopped = True
-                    halt.set()
-                    continue
-                except Exception as e:  # noqa: BLE001 - record the rest, start no more
-                    errors.append((run_name(specs[futures[fut]]), e))
-                    halt.set()
+            while True:
+                release()
+                while queue and len(running) < self.jobs and not (errors or stopped):
+                    spec = queue.pop(0)[2]
+                    running[pool.submit(self.train, spec)] = spec
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    spec = running.pop(fut)
+                    try:
+                        rows[run_name(spec)] = fut.result()
+                    except StopRequested:
+                        stopped = True
+                        continue
+                    except Exception as e:  # noqa: BLE001 - record the rest, start no more
+                        errors.append((run_name(spec), e))
+                        on_done()
+                        continue
+                    bar.update()
                     on_done()
-                    continue
-                if row is not None:  # None: a run that halt kept from starting
-                    rows[futures[fut]] = row
-                    on_done()
-        if stopped and not errors:
-            raise StopRequested(str(self.work / "STOP"))
+        bar.close()
         if errors:
             raise RuntimeError(f"{len(errors)} run(s) failed: {[n for n, _ in errors]}; see their "
                                f"logs in {self.work}") from errors[0][1]
-        return [rows[i] for i in range(len(specs))]
+        if stopped:
+            raise StopRequested(str(self.work / "STOP"))
+        if waiting or queue:  # a group after runs that no group trains: a bug, not a stop
+            raise RuntimeError(f"runs never started: groups {waiting} wait for runs no group has")
+        return rows
 
 
 def restore_work(work: Path, results: Path, protocol: dict) -> list[str]:
@@ -516,7 +548,8 @@ def auto_specs(protocol: dict, iters: int, methods: list[str]) -> list[dict]:
 
 def stages(protocol: dict) -> list[list[tuple[str, str]]]:
     """The order of the main runs, as stages of ("tune" | "test", method); a stage's runs
-    depend only on earlier stages, and run ``--jobs`` at a time.
+    depend only on earlier stages. A free worker takes the first run, in this order, whose
+    dependencies are recorded (``groups``): no stage waits for the end of the one before.
 
     The first distilled method (TBD) is tuned beside the baseline's test runs (they need no
     choice), then its test runs give the first answer while the next method is tuned, and so on:
@@ -533,6 +566,35 @@ def stages(protocol: dict) -> list[list[tuple[str, str]]]:
         out.append(stage)
     if protocol.get("auto_weight_check"):
         out.append([("auto", m) for m in distilled])
+    return out
+
+
+def groups(protocol: dict, iters: int, choices: dict[str, float],
+           freeze: Callable[[str], None]) -> list[Group]:
+    """The main runs as ``Runner.train_groups`` groups, in ``stages`` order: a method's tune
+    runs depend on nothing; its test runs on its tune runs, and freeze its choice (``freeze``,
+    which writes it into ``choices``) before they are made; the automatic-weight runs on
+    nothing. A run waits only for what it needs, so a worker that a stage's last run leaves
+    free takes the next stage's first run."""
+    def test_group(method: str) -> Group:
+        if method == "baseline":
+            return Group([], lambda: test_specs(protocol, iters, choices, [method]))
+
+        def specs() -> list[dict]:
+            freeze(method)
+            return test_specs(protocol, iters, choices, [method])
+
+        return Group(tune_specs(protocol, iters, [method]), specs)
+
+    out = []
+    for stage in stages(protocol):
+        for kind, m in stage:
+            if kind == "tune":
+                out.append(Group([], lambda m=m: tune_specs(protocol, iters, [m])))
+            elif kind == "test":
+                out.append(test_group(m))
+            else:
+                out.append(Group([], lambda m=m: auto_specs(protocol, iters, [m])))
     return out
 
 
@@ -689,19 +751,9 @@ def _main(args, protocol: dict) -> None:
         return
     state["teacher"] = runner.teacher()
     report()  # the gate's outcome and the teacher's row, before the first main run ends
-    for stage in stages(protocol):
-        kinds = {k: [m for kind, m in stage if kind == k] for k in ("tune", "test", "auto")}
-        # tune runs first: the next stage waits for them, not for the test runs
-        specs = (tune_specs(protocol, iters, kinds["tune"]) if kinds["tune"] else []) \
-            + (test_specs(protocol, iters, choices, kinds["test"]) if kinds["test"] else []) \
-            + auto_specs(protocol, iters, kinds["auto"])
-        tunes = kinds["tune"]
-        runner.train_all(specs, lambda: (refresh(), report()))
-        for m in tunes:
-            freeze(m)
-        refresh()
-        report()
-
+    runner.train_groups(groups(protocol, iters, choices, freeze), lambda: (refresh(), report()))
+    refresh()
+    report()
 
 if __name__ == "__main__":
     main()
