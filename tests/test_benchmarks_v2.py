@@ -65,6 +65,10 @@ def test_choices_of_never_picks_a_stalled_tune_run():
             {"method": "fgd", "multiplier": 1.0, "failed": "loss is nan"},
             {"method": "fgd", "multiplier": 2.0, "AP": 12.0}]
     assert v2.choices_of(protocol, rows) == {"tbd": 1.0, "fgd": 2.0}
+    # one method's choice, before the others have tune runs
+    assert v2.choices_of(protocol, rows[:3], ["tbd"]) == {"tbd": 1.0}
+    with pytest.raises(ValueError, match="every tuning run failed"):
+        v2.choices_of(protocol, rows[:3])
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -191,7 +195,12 @@ def test_phase_tune_trains_the_tune_runs_and_never_reads_test(tmp_path, smoke, m
     assert "tune 2/2 runs, test 0/" in md and f"{cpu_name()}: 3." in md
 
 
-def test_the_whole_smoke_profile_runs_every_run_once_in_order(tmp_path, smoke, monkeypatch):
+def test_the_whole_profile_runs_every_run_once_in_order(tmp_path, monkeypatch):
+    # the smoke with a second distiller: TBD's choice is frozen while FGD has no tune run yet
+    protocol = yaml.safe_load((PROTOCOLS / "accuracy_v2_smoke.yaml").read_text())
+    protocol["methods"].append({"name": "fgd", "losses": ["FGD"]})
+    path = tmp_path / "two_distillers.yaml"
+    path.write_text(yaml.safe_dump(protocol))
     fake = FakeTrainNet(evaluations=5)
     monkeypatch.setattr(v2, "run_logged", fake)
     monkeypatch.setattr(v2, "eval_bbox", lambda config, weights, dataset, out, log, env=None:
@@ -199,15 +208,18 @@ def test_the_whole_smoke_profile_runs_every_run_once_in_order(tmp_path, smoke, m
     monkeypatch.setattr(v2, "model_gflops", lambda config, size: {"total": 0.5})
     monkeypatch.setattr(v2.Runner, "harmony", lambda *a: {"harmonious_proportion": 0.2,
                                                           "score_iou_spearman": 0.6})
-    v2.main(["--protocol", str(PROTOCOLS / "accuracy_v2_smoke.yaml"), "--work-dir",
-             str(tmp_path / "work"), "--output", str(tmp_path / "res")])
+    v2.main(["--protocol", str(path), "--work-dir", str(tmp_path / "work"), "--output",
+             str(tmp_path / "res")])
     trained = [Path(c[c.index("OUTPUT_DIR") + 1]).name for c in fake.calls]
-    # one worker: the calibration, then the order of ``stages``; TBD's choice is x1 (equal
-    # tune APs: the multiplier closest to 1)
-    assert trained == ["tune_baseline_s100_i100", "tune_tbd_x1_s100_i100",
-                       "tune_tbd_x2_s100_i100", "test_baseline_s0_i100", "test_baseline_s1_i100",
-                       "test_tbd_x1_s0_i100", "test_tbd_x1_s1_i100", "tune_tbd_auto_s100_i100"]
-    assert json.loads((tmp_path / "work/choices.json").read_text()) == {"tbd": 1.0}
+    # one worker: the calibration, then the order of ``stages``; each choice is x1 (equal tune
+    # APs: the multiplier closest to 1)
+    assert trained == [
+        "tune_baseline_s100_i100", "tune_tbd_x1_s100_i100", "tune_tbd_x2_s100_i100",
+        "test_baseline_s0_i100", "test_baseline_s1_i100", "test_tbd_x1_s0_i100",
+        "test_tbd_x1_s1_i100", "tune_fgd_x1_s100_i100", "tune_fgd_x2_s100_i100",
+        "test_fgd_x1_s0_i100", "test_fgd_x1_s1_i100", "tune_tbd_auto_s100_i100",
+        "tune_fgd_auto_s100_i100"]
+    assert json.loads((tmp_path / "work/choices.json").read_text()) == {"tbd": 1.0, "fgd": 1.0}
     assert json.loads((tmp_path / "res/results.json").read_text())["settings"]["status"] == \
         "complete"
 

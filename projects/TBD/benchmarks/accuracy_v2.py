@@ -598,13 +598,15 @@ def groups(protocol: dict, iters: int, choices: dict[str, float],
     return out
 
 
-def choices_of(protocol: dict, tune_rows: list[dict]) -> dict:
-    """Each distiller's chosen multiplier from its tune runs (failed runs are never chosen)."""
+def choices_of(protocol: dict, tune_rows: list[dict],
+               methods: Optional[list[str]] = None) -> dict:
+    """The chosen multiplier of each distiller in ``methods`` (default: all) from its tune runs
+    (failed runs are never chosen); ``tune_rows`` holds the baseline's tune run and theirs."""
     base = [r for r in tune_rows if r["method"] == "baseline" and r.get("AP") is not None]
     floor = protocol["failure"]["stalled_below"] * base[0]["AP"] if base else None
     out = {}
     for m in protocol["methods"]:
-        if not m["losses"]:
+        if not m["losses"] or (methods is not None and m["name"] not in methods):
             continue
         res = {r["multiplier"]: (None if r.get("failed") or r.get("AP") is None
                                  or (floor is not None and r["AP"] < floor) else r["AP"])
@@ -729,7 +731,7 @@ def _main(args, protocol: dict) -> None:
     def freeze(method: str) -> None:
         rows = [base_row] + [r for s in tune_specs(protocol, iters, [method])
                              if (r := runner.recorded(s))]
-        chosen = choices_of(protocol, rows)[method]
+        chosen = choices_of(protocol, rows, [method])[method]
         if choices.get(method, chosen) != chosen:
             sys.exit(f"{choices_path}: the frozen choice of {method} ({choices[method]}) differs "
                      f"from its tune runs' ({chosen}); the work dir was changed by hand.")
