@@ -757,5 +757,6 @@ def _main(args, protocol: dict) -> None:
     refresh()
     report()
 
+
 if __name__ == "__main__":
     main()
