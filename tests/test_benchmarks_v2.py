@@ -122,6 +122,12 @@ def test_summarise_counts_failures_and_pairs_by_seed():
     assert base["vs_reference"]["seeds"] == [0, 1]
     assert base["vs_reference"]["mean"] == pytest.approx(6.0)
     assert tbd["vs_reference"] is None
+    # tbd - baseline, descriptive, on the same seeds: (25 - 20, 5 - 22) = (5, -17)
+    assert tbd["vs_baseline"]["seeds"] == [0, 1]
+    assert tbd["vs_baseline"]["mean"] == pytest.approx(-6.0)
+    assert base["vs_baseline"] is None
+    # no baseline row in the table: nothing to pair with
+    assert st.summarise(rows[3:], ["tbd"], "tbd", 0.5, 0.95)[0]["vs_baseline"] is None
 
 
 # ------------------------------------------------------------------------------ the protocol
@@ -599,6 +605,9 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
     assert "Teacher: 40.0 AP, +19.5 above the baseline's mean (headroom on test)" in md
     # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
     assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and "| -4.00 [n/a, n/a] | inconclusive |" in md
+    # and against the baseline: the baseline's own cells empty, tbd - baseline = +4.0 on seed 0
+    assert "| -4.00 [n/a, n/a] | inconclusive |  |  | 0/2 " in md
+    assert "| tbd | x2 | 1 | 24.0 | 24.0 |  |  | 4.00 [n/a, n/a] | inconclusive |" in md
     # auto 24.5 against the chosen x2's 25.0
     assert "| tbd | 24.5 | 25.0 (x2) | -0.5 | HD 0.5, TFD 2 |" in md
     payload = json.loads((tmp_path / "res" / "results.json").read_text())

@@ -144,3 +144,26 @@ def test_a_recorded_run_without_its_folder_is_refused_naming_the_file(tmp_path):
         diag.main(["--protocol", str(SMOKE), "--work-dir", str(tmp_path), "--no-harmony",
                    "--output", str(tmp_path / "res")])
     assert not (tmp_path / "res").exists()
+
+
+def test_a_restored_run_never_diagnosed_keeps_its_curve_alone(tmp_path):
+    """A row restored from committed results (its folder never was in this work dir, and no
+    earlier diagnostics have it): its recorded curve against the baseline's, nothing else."""
+    smoke, work = v2.load_protocol(SMOKE), tmp_path / "work"
+    runner = v2.Runner(smoke, work, jobs=1)
+    base = v2.calibration_spec(smoke, 100)
+    runner._write(base, {**base, "AP": 20.0,
+                         "curve": [{"iter": 20 * (k + 1), "AP": 5.0 * k} for k in range(5)]})
+    write_lines(work / v2.run_name(base) / "metrics.json",
+                [{"iteration": 3, "loss_fcos_cls": 2.0}, {"iteration": 97, "loss_fcos_cls": 1.0}])
+    x1 = v2.tune_specs(smoke, 100, ["tbd"])[0]
+    runner._write(x1, {**x1, "AP": 21.0, "restored_from": "results.json",
+                       "curve": [{"iter": 20 * (k + 1), "AP": 5.0 * k + 1.0} for k in range(5)]})
+    diag.main(["--protocol", str(SMOKE), "--work-dir", str(work), "--no-harmony",
+               "--output", str(tmp_path / "res")])
+    md = (tmp_path / "res" / "diagnostics.md").read_text()
+    assert "| tbd x1 | 1.0 (+1.0) | 6.0 (+1.0) | 11.0 (+1.0) | 16.0 (+1.0) | 21.0 (+1.0) |" in md
+    assert "| tbd x1 | start" not in md  # no loss windows without its metrics.json
+    assert "Curve only (restored from committed results" in md and "`tune_tbd_x1_s100_i100`" in md
+    entry = json.loads((tmp_path / "res" / "diagnostics.json").read_text())["runs"][1]
+    assert entry["curve_only"] == "results.json" and entry["loss_windows"] is None

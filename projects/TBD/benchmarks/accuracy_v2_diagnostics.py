@@ -150,7 +150,9 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True,
     """The diagnostics of every finished tune run of ``protocol`` in ``runner``'s work dir.
 
     ``earlier``: entries computed before (``earlier_entries``), used for a recorded run whose
-    folder is not in the work dir; a run that has neither is an error."""
+    folder is not in the work dir. A run that has neither gets its recorded curve alone where its
+    row was restored from committed results (``restore_work``: the folder never was here), else
+    it is an error (a wrong work dir, a moved folder)."""
     earlier = earlier or {}
     iters = converged_iters(protocol, runner)
     if iters is None:
@@ -174,6 +176,16 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True,
             kept = earlier.get(run_name(spec))
             if kept is not None and (kept.get("harmony") or not harmony):
                 rows.append(kept)
+                continue
+            if row.get("restored_from"):
+                # Trained in a sitting whose work dir is gone and never diagnosed there: its
+                # recorded curve is all that is left (no logged losses, no weights).
+                rows.append({"run": run_name(spec), "method": spec["method"],
+                             "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
+                             "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
+                                                                  base_row.get("curve", [])),
+                             "loss_windows": None, "harmony": None,
+                             "curve_only": row["restored_from"]})
                 continue
             raise ProtocolError(f"{d / 'metrics.json'}: missing, but {run_name(spec)} is "
                                 "recorded and not in the earlier diagnostics; the run's folder "
@@ -233,7 +245,7 @@ def markdown(d: dict, meta: dict) -> str:
               "detection | distillation terms |", "|---|---|---|---|---|---|"]
     distill = distill_loss_names()
     for r in d["runs"]:
-        for w in r["loss_windows"]:
+        for w in r["loss_windows"] or []:
             terms = ", ".join(f"{k} {v:.3f}" for k, v in w["terms"].items() if k in distill)
             lines.append(f"| {_label(r)} | {w['window']} ({w['from']}-{w['to']}) | "
                          f"{_f(w['detection'], '.3f')} | {_f(w['distillation'], '.3f')} | "
@@ -243,7 +255,7 @@ def markdown(d: dict, meta: dict) -> str:
                   "| model | AP | predictions | harmonious % | Spearman score-IoU | mean score | "
                   "mean IoU |", "|---|---|---|---|---|---|---|"]
         for label, ap, h in [("teacher", d["teacher_AP"], d["teacher_harmony"])] + \
-                [(_label(r), r["AP"], r["harmony"]) for r in d["runs"]]:
+                [(_label(r), r["AP"], r["harmony"]) for r in d["runs"] if r["harmony"]]:
             hp = h["harmonious_proportion"]
             lines.append(f"| {label} | {_f(ap)} | {h['num_predictions']} | "
                          f"{_f(None if hp is None else 100 * hp)} | "
@@ -255,6 +267,11 @@ def markdown(d: dict, meta: dict) -> str:
                   "dir, e.g. a fresh clone): " + ", ".join(
                       f"`{r['run']}` ({r['computed']['date']}, commit "
                       f"`{str(r['computed']['commit'])[:12]}`)" for r in kept) + "."]
+    curve_only = [r for r in d["runs"] if r.get("curve_only")]
+    if curve_only:
+        lines += ["", "Curve only (restored from committed results, trained in a sitting whose "
+                  "work dir, with the logged losses and weights, is gone; no loss terms, no "
+                  "harmony): " + ", ".join(f"`{r['run']}`" for r in curve_only) + "."]
     if d["failed"]:
         lines += ["", "Failed tune runs (not diagnosed): " +
                   ", ".join(f"`{f['run']}` ({f['failed']})" for f in d["failed"])]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from tbd_benchmarks.accuracy_v2_stats import summarise
 from tbd_benchmarks.common import write_results
@@ -39,6 +39,14 @@ def _fmt(v, digits: int = 1, scale: float = 1.0) -> str:
 
 def _mean_std(mean, std) -> str:
     return _fmt(mean) + ("" if std is None else f" ± {std:.1f}")
+
+
+def _paired_cells(d: Optional[dict]) -> tuple[str, str]:
+    """A paired difference as "mean [low, high]" and its verdict; empty cells where none."""
+    if d is None:
+        return "", ""
+    diff = f"{_fmt(d['mean'], 2)} [{_fmt(d['low'], 2)}, {_fmt(d['high'], 2)}]"
+    return diff, {"above": "better", "below": "worse"}.get(d["verdict"], "inconclusive")
 
 
 def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> str:
@@ -107,23 +115,24 @@ def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> 
                   f"{protocol['test']['seeds']})", "",
                   f"Teacher: {_fmt(teacher.get('AP'))} AP{headroom}. Mean ± std over seeds; paired "
                   f"difference to `{ref}` (same seed) with its "
-                  f"{protocol['statistics']['confidence']:.0%} t-interval; failures by the "
-                  "protocol's rule, with a Clopper-Pearson interval.", "",
+                  f"{protocol['statistics']['confidence']:.0%} t-interval (the protocol's "
+                  "verdict), and to the baseline the same way (descriptive: does distillation "
+                  "gain anything on the converged schedule?); failures by the protocol's rule, "
+                  "with a Clopper-Pearson interval.", "",
                   "| method | weights | runs | AP (all runs) | AP (without failures) | "
-                  f"minus {ref} | verdict | failures | harmonious % | spearman |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"minus {ref} | verdict | minus baseline | vs baseline | failures | "
+                  "harmonious % | spearman |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in table:
-            d = t["vs_reference"]
-            diff = "" if d is None else (f"{_fmt(d['mean'], 2)} [{_fmt(d['low'], 2)}, "
-                                         f"{_fmt(d['high'], 2)}]")
-            verdict = "" if d is None else {"above": "better", "below": "worse"}.get(
-                d["verdict"], "inconclusive")
+            diff, verdict = _paired_cells(t["vs_reference"])
+            diff_b, verdict_b = _paired_cells(t.get("vs_baseline"))
             lo, hi = t["failure_interval"]
             weights = "" if t["multiplier"] is None else f"x{t['multiplier']:g}"
             lines.append(
                 f"| {t['method']} | {weights} "
                 f"| {t['runs']} | {_mean_std(t['AP_mean'], t['AP_std'])} | "
                 f"{_mean_std(t['AP_mean_ok'], t['AP_std_ok'])} | {diff} | {verdict} | "
+                f"{diff_b} | {verdict_b} | "
                 f"{t['failures']}/{t['runs']} [{lo:.2f}, {hi:.2f}] | "
                 f"{_fmt(t['harmonious_proportion'], 1, 100)} | "
                 f"{_fmt(t['score_iou_spearman'], 3)} |")

@@ -110,8 +110,10 @@ def summarise(rows: list[dict], methods: list[str], reference: str, stalled_belo
     """One line per method from its test rows (``rows``: every run row of the test split).
 
     Each run's status is set in place. AP with failures counts every run whose AP exists (a
-    diverged run has none); AP without failures only the "ok" runs. Paired differences use every
-    run with an AP, failed or not, so that the pairing never drops a seed silently.
+    diverged run has none); AP without failures only the "ok" runs. Paired differences, to
+    ``reference`` (``vs_reference``, the protocol's verdict) and to the baseline (``vs_baseline``,
+    descriptive), use every run with an AP, failed or not, so that the pairing never drops a seed
+    silently.
     """
     base = [r["AP"] for r in rows if r["method"] == "baseline" and r.get("AP") is not None]
     base_mean = statistics.mean(base) if base else None
@@ -137,5 +139,9 @@ def summarise(rows: list[dict], methods: list[str], reference: str, stalled_belo
         line["vs_reference"] = (None if m == reference else
                                 paired_difference(by_seed[m], by_seed.get(reference, {}),
                                                   confidence))
+        # Descriptive, beside the registered comparison to ``reference``: does a distiller gain
+        # anything over the student trained alone on the converged schedule?
+        line["vs_baseline"] = (None if m == "baseline" or "baseline" not in by_seed else
+                               paired_difference(by_seed[m], by_seed["baseline"], confidence))
         out.append(line)
     return out
