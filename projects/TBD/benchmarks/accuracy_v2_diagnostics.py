@@ -172,6 +172,10 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True,
             failed.append({"run": run_name(spec), "failed": row["failed"]})
             continue
         d = run_dir(runner, spec, row)
+        entry = {"run": run_name(spec), "method": spec["method"],
+                 "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
+                 "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
+                                                      base_row.get("curve", []))}
         if not (d / "metrics.json").is_file():
             kept = earlier.get(run_name(spec))
             if kept is not None and (kept.get("harmony") or not harmony):
@@ -180,22 +184,14 @@ def diagnose(protocol: dict, runner: Runner, harmony: bool = True,
             if row.get("restored_from"):
                 # Trained in a sitting whose work dir is gone and never diagnosed there: its
                 # recorded curve is all that is left (no logged losses, no weights).
-                rows.append({"run": run_name(spec), "method": spec["method"],
-                             "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
-                             "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
-                                                                  base_row.get("curve", [])),
-                             "loss_windows": None, "harmony": None,
+                rows.append({**entry, "loss_windows": None, "harmony": None,
                              "curve_only": row["restored_from"]})
                 continue
             raise ProtocolError(f"{d / 'metrics.json'}: missing, but {run_name(spec)} is "
                                 "recorded and not in the earlier diagnostics; the run's folder "
                                 "was moved or deleted (pass --work-dir / --baseline-work-dir "
                                 "where it is).")
-        entry = {"run": run_name(spec), "method": spec["method"],
-                 "multiplier": spec.get("multiplier"), "auto": bool(spec.get("auto")),
-                 "AP": row["AP"], "curve": curve_gaps(row.get("curve", []),
-                                                      base_row.get("curve", [])),
-                 "loss_windows": loss_windows(d / "metrics.json", iters, distill)}
+        entry["loss_windows"] = loss_windows(d / "metrics.json", iters, distill)
         if harmony:
             entry["harmony"] = harmony_on(split, str(d / "config.yaml"),
                                           str(d / "model_final.pth"),
