@@ -177,10 +177,14 @@ def test_the_tbd_investigation_is_the_main_profile_with_other_settings():
     assert "tbd" not in {m["name"] for m in inv["methods"]}  # the main profile's tune run
     from tbd.config import load_config
 
+    cfgs = {}
     for spec in v2.tune_specs(inv, 16000):
         cfg = load_config(str(ROOT / inv["student"]["config"]))
         cfg.merge_from_list(v2.train_opts(inv, spec, Path("out")))  # a wrong key would raise
-    assert cfg.MODEL.DISTILL.HD.BG_WEIGHT == 1.0  # the last setting, tbd_bg
+        cfgs[spec["method"]] = cfg
+    assert cfgs["tbd_bg"].MODEL.DISTILL.HD.BG_WEIGHT == 1.0
+    assert cfgs["tbd_crossed"].MODEL.DISTILL.LOSSES == ["CrossHD", "TFD"]
+    assert cfgs["tbd_crossed"].MODEL.DISTILL.CROSS_HD.CLS_WEIGHT == 1.0  # x1: the defaults
 
 
 def test_phase_tune_trains_the_tune_runs_and_never_reads_test(tmp_path, smoke, monkeypatch):

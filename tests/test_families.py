@@ -38,6 +38,7 @@ ALL_PAIRS = ["RetinaNet -> RetinaNet", "FCOS -> RetinaNet", "GeneralizedRCNN -> 
 EXPECTED_PAIRS = {
     "HD": ["RetinaNet -> RetinaNet", "FCOS -> FCOS"],
     "CrossKD": ["RetinaNet -> RetinaNet", "FCOS -> FCOS"],
+    "CrossHD": ["RetinaNet -> RetinaNet", "FCOS -> FCOS"],
     "FRS": ["RetinaNet -> RetinaNet", "FCOS -> FCOS"],
     "TFD": ["RetinaNet -> RetinaNet", "FCOS -> RetinaNet", "RetinaNet -> FCOS", "FCOS -> FCOS"],
     "FGD": ALL_PAIRS,
@@ -91,6 +92,7 @@ def pair_cfg(tmp_path, student: str, teacher: str, losses):
     cfg.MODEL.DISTILL.TEACHER.EVAL_BEFORE_TRAIN = False
     cfg.MODEL.DISTILL.WARMUP_ITERS = 0
     cfg.MODEL.DISTILL.CROSSKD.TEACHER_INDEX = 1  # the tiny teachers have 2 head convs
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
     if teacher == "GeneralizedRCNN":  # its FPN has no p7 (stride 128)
         cfg.MODEL.DISTILL.LEVELS = ["p3", "p4", "p5", "p6"]
     return cfg

@@ -1,7 +1,8 @@
-"""PKD, MGD, CrossKD and inheriting: hand-computed values on tiny tensors, and one step of each
-on tiny models (different widths, an image without boxes, fp32 under autocast)."""
+"""PKD, MGD, CrossKD, CrossHD and inheriting: hand-computed values on tiny tensors, and one step
+of each on tiny models (different widths, an image without boxes, fp32 under autocast)."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from tbd.distillers import METHODS
 from tbd.distillers.crosskd import match_statistics, quality_focal_kd, student_index
+from tbd.distillers.hd import harmony_weights
 from tbd.distillers.mgd import MGD, random_keep_mask
 from tbd.distillers.pkd import pearson_loss, standardise_channels
 from tbd.modeling.taps import HeadInternals, head_from
@@ -139,11 +141,85 @@ def test_crosskd_index_beyond_the_teacher_head_is_refused(tmp_path):
         build_model(cfg)
 
 
+# ------------------------------------------------------------------------------ CrossHD
+def test_cross_hd_is_hd_on_the_crossed_outputs(tmp_path):
+    """CrossHD's terms are HD's with the student's logits and boxes replaced by the crossed ones
+    (decoded with the teacher's box transform): the same weights, anchors and normalisers."""
+    cfg = tiny_distill_cfg(tmp_path, losses=["HD", "CrossHD"])
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
+    cfg.MODEL.DISTILL.CROSS_HD.CLS_WEIGHT = 0.5
+    cfg.MODEL.DISTILL.CROSS_HD.REG_WEIGHT = 3.0
+    model = build_model(cfg).train()  # the student's head maps are recorded in training mode
+    with EventStorage(0):
+        inputs = model.distill_inputs(make_batch(2, seed=3)).float()
+    assert inputs.fg_mask.any()
+    cross = model.distillers["CrossHD"]
+    with torch.no_grad():
+        logits, deltas = cross.crossed(inputs)
+        as_student = replace(inputs, student_logits=logits, student_deltas=deltas,
+                             student_box2box=inputs.teacher_box2box)
+        hd, _ = model.distillers["HD"](as_student)
+        out, diag = cross(inputs)
+        own, _ = model.distillers["HD"](inputs)
+    assert float(out["loss_cross_hd_cls"]) == pytest.approx(0.5 * float(hd["loss_hd_cls"]),
+                                                            rel=1e-6)
+    assert float(out["loss_cross_hd_reg"]) == pytest.approx(3.0 * float(hd["loss_hd_reg"]),
+                                                            rel=1e-6)
+    # ... and not HD's own terms: the student's head is not the crossed one
+    assert float(own["loss_hd_cls"]) != pytest.approx(float(hd["loss_hd_cls"]), rel=1e-3)
+    assert {"cross_hd/mean_hs_fg", "cross_hd/cls_weight_mass"} <= set(diag)
+
+
+def test_cross_hd_student_equal_to_teacher_leaves_the_teacher_entropy(tmp_path):
+    """Same architecture and weights: the crossed outputs are the teacher's, so the box term is 0
+    and the classification term is the HS-weighted mean of the teacher's entropy (BCE of p_T
+    with itself), sum_c -p ln p - (1 - p) ln(1 - p), over the foreground anchors."""
+    c, w, teacher = make_teacher(tmp_path)
+    cfg = tiny_distill_cfg(tmp_path, losses=["CrossHD"], teacher_weights=w)
+    cfg.MODEL.DISTILL.TEACHER.CONFIG = c
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
+    model = build_model(cfg).eval()
+    model.load_state_dict(teacher.state_dict(), strict=False)
+    model.train()
+    for m in model.modules():  # BN as the teacher's (eval): the same maps on both sides
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    with EventStorage(0):
+        inputs = model.distill_inputs(make_batch(2, seed=4)).float()
+    with torch.no_grad():
+        out, _ = model.distillers["CrossHD"](inputs)
+    p = inputs.teacher_probs.double()
+    entropy = (-(p * p.log() + (1 - p) * (1 - p).log())).sum(-1)
+    hs, _ = harmony_weights(inputs, "harmony", 1.0, 2.0, 0.0)
+    fg = inputs.fg_mask
+    assert fg.any() and bool((hs[~fg] == 0).all())
+    expected = float((hs.double() * entropy)[fg].sum() / max(float(hs.sum()), 1.0))
+    assert float(out["loss_cross_hd_cls"]) == pytest.approx(expected, rel=1e-5)
+    assert float(out["loss_cross_hd_reg"]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_cross_hd_keys_are_checked(tmp_path):
+    cfg = tiny_distill_cfg(tmp_path, losses=["CrossHD"])  # teacher: 2 convs per subnet
+    with pytest.raises(ValueError, match=r"MODEL.DISTILL.CROSS_HD.TEACHER_INDEX=3 exceeds"):
+        build_model(cfg)
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = -1
+    with pytest.raises(ValueError, match=r"MODEL.DISTILL.CROSS_HD.TEACHER_INDEX must be"):
+        build_model(cfg)
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
+    cfg.MODEL.DISTILL.CROSS_HD.REG_WEIGHT = -1.0
+    with pytest.raises(ValueError, match=r"MODEL.DISTILL.CROSS_HD.REG_WEIGHT must be"):
+        build_model(cfg)
+
+
 # ------------------------------------------------------------------------------ all of them
-@pytest.mark.parametrize("losses", [["PKD"], ["MGD"], ["CrossKD"], ["HD", "TFD", "CrossKD"]])
+@pytest.mark.parametrize("losses", [["PKD"], ["MGD"], ["CrossKD"], ["HD", "TFD", "CrossKD"],
+                                    ["CrossHD", "TFD"]])
 def test_one_step_on_different_widths_with_an_image_without_boxes(tmp_path, losses):
     cfg = tiny_distill_cfg(tmp_path, losses=losses)  # student FPN 16, teacher 32
     cfg.MODEL.DISTILL.CROSSKD.TEACHER_INDEX = 1
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
     model = build_model(cfg).train()
     with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(make_batch(2, empty=(1,)))

@@ -1,8 +1,8 @@
-"""Distillers. Importing this package registers HD, TFD, FRS, FGD, PKD, MGD and CrossKD (and the
-methods TBD, FRS, FGD, PKD, MGD, CrossKD). A new distiller is one file here plus one import line
-below."""
+"""Distillers. Importing this package registers HD, TFD, FRS, FGD, PKD, MGD, CrossKD and the
+investigation variant CrossHD (and the methods TBD, FRS, FGD, PKD, MGD, CrossKD). A new distiller
+is one file here plus one import line below."""
 
-from . import crosskd, fgd, frs, hd, mgd, pkd, tfd  # noqa: F401  (registration)
+from . import cross_hd, crosskd, fgd, frs, hd, mgd, pkd, tfd  # noqa: F401  (registration)
 from .registry import (
     DISTILL_LOSS_REGISTRY,
     METHODS,

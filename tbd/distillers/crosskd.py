@@ -29,6 +29,7 @@ from .registry import (
     Distiller,
     DistillInputs,
     check_weights,
+    config_value,
     register_method,
 )
 
@@ -57,8 +58,67 @@ def student_index(student_depth: int, teacher_depth: int, teacher_index: int) ->
     return max(student_depth - (teacher_depth - teacher_index), 0)
 
 
+class CrossedHead(Distiller):
+    """Base of the distillers that read the teacher head's outputs from the student's maps.
+
+    The student's head maps at a depth are re-standardised to the teacher's statistics at the
+    matching depth (after a 1x1 conv per subnet where the widths differ) and run through the rest
+    of the teacher's head, frozen. Subclasses set ``adapters`` and ``teacher_index`` and name the
+    key of the crossing depth in ``index_key``.
+    """
+
+    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, SAME_FAMILY, DENSE_TEACHER_HEAD,
+                       HEAD_INTERNALS})
+    index_key = "MODEL.DISTILL.CROSSKD.TEACHER_INDEX"
+    adapters: nn.ModuleDict
+    teacher_index: int
+
+    @classmethod
+    def validate_index(cls, cfg: CN) -> None:
+        value = config_value(cfg, cls.index_key)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{cls.index_key} must be an integer >= 0 (at most the teacher's "
+                              f"MODEL.RETINANET.NUM_CONVS), got {value!r}.")
+
+    @staticmethod
+    def build_adapters(student_shapes: dict[str, ShapeSpec],
+                       teacher_shapes: dict[str, ShapeSpec]) -> nn.ModuleDict:
+        """A RetinaNet head keeps its input width (the FPN's); where the widths differ, a 1x1
+        conv per subnet brings the student's maps to the teacher's width first [ours]."""
+        cs = next(iter(student_shapes.values())).channels
+        ct = next(iter(teacher_shapes.values())).channels
+        return nn.ModuleDict({k: nn.Conv2d(cs, ct, 1) for k in ("cls", "box")} if cs != ct
+                             else {})
+
+    def head_indices(self, student_head: nn.Module, teacher_head: nn.Module) -> tuple[int, int]:
+        """(student, teacher) crossing depths for these heads; the meta-arch records the heads'
+        maps there."""
+        from ..modeling.taps import head_depth  # here: tbd.modeling imports the distillers
+
+        t_depth = head_depth(teacher_head)
+        if self.teacher_index > t_depth:
+            raise ConfigError(f"{self.index_key}={self.teacher_index} exceeds the teacher head's "
+                              f"{t_depth} convs per subnet.")
+        return student_index(head_depth(student_head), t_depth, self.teacher_index), \
+            self.teacher_index
+
+    def crossed(self, inputs: DistillInputs) -> tuple[list[Tensor], list[Tensor]]:
+        """The teacher head's outputs from the student's maps (per level logits, deltas)."""
+        from ..modeling.taps import head_from
+
+        maps = {}
+        for key in ("cls", "box"):
+            per_level = []
+            for s, t in zip(inputs.student_internals[key], inputs.teacher_internals[key]):
+                if key in self.adapters:
+                    s = self.adapters[key](s)
+                per_level.append(match_statistics(s.float(), t.float()))
+            maps[key] = per_level
+        return head_from(inputs.teacher_head, maps, self.teacher_index)
+
+
 @DISTILL_LOSS_REGISTRY.register()
-class CrossKD(Distiller):
+class CrossKD(CrossedHead):
     """Cross-head knowledge distillation for RetinaNet-style heads (RetinaNet's and FCOS's).
 
     On FCOS, as the official ``CrossKDFCOS``: the crossed head's logits and boxes are distilled
@@ -67,8 +127,6 @@ class CrossKD(Distiller):
     instead of their number [peer].
     """
 
-    needs = frozenset({SAME_CLASSES, SAME_ANCHORS, SAME_FAMILY, DENSE_TEACHER_HEAD,
-                       HEAD_INTERNALS})
     loss_keys = {"loss_crosskd_cls": "MODEL.DISTILL.CROSSKD.CLS_WEIGHT",
                  "loss_crosskd_reg": "MODEL.DISTILL.CROSSKD.REG_WEIGHT"}
 
@@ -90,13 +148,9 @@ class CrossKD(Distiller):
 
     @classmethod
     def validate_config(cls, cfg: CN) -> None:
-        d = cfg.MODEL.DISTILL.CROSSKD
         check_weights(cfg, ["MODEL.DISTILL.CROSSKD.CLS_WEIGHT", "MODEL.DISTILL.CROSSKD.REG_WEIGHT",
                             "MODEL.DISTILL.CROSSKD.BETA"])
-        if not isinstance(d.TEACHER_INDEX, int) or d.TEACHER_INDEX < 0:
-            raise ConfigError("MODEL.DISTILL.CROSSKD.TEACHER_INDEX must be an integer >= 0 (at "
-                              "most the teacher's MODEL.RETINANET.NUM_CONVS), got "
-                              f"{d.TEACHER_INDEX!r}.")
+        cls.validate_index(cfg)
 
     @configurable
     def __init__(self, *, adapters: nn.ModuleDict, teacher_index: int = 3,
@@ -112,40 +166,9 @@ class CrossKD(Distiller):
     def from_config(cls, cfg, student_shapes: dict[str, ShapeSpec],
                     teacher_shapes: dict[str, ShapeSpec]):
         d = cfg.MODEL.DISTILL.CROSSKD
-        # A RetinaNet head keeps its input width (the FPN's); where the widths differ, a 1x1 conv
-        # per subnet brings the student's maps to the teacher's width first [ours].
-        cs = next(iter(student_shapes.values())).channels
-        ct = next(iter(teacher_shapes.values())).channels
-        adapters = nn.ModuleDict({k: nn.Conv2d(cs, ct, 1) for k in ("cls", "box")} if cs != ct
-                                 else {})
-        return {"adapters": adapters, "teacher_index": d.TEACHER_INDEX,
-                "cls_weight": d.CLS_WEIGHT, "reg_weight": d.REG_WEIGHT, "beta": d.BETA}
-
-    def head_indices(self, student_head: nn.Module, teacher_head: nn.Module) -> tuple[int, int]:
-        """(student, teacher) crossing depths for these heads; the meta-arch records the heads'
-        maps there."""
-        from ..modeling.taps import head_depth  # here: tbd.modeling imports the distillers
-
-        t_depth = head_depth(teacher_head)
-        if self.teacher_index > t_depth:
-            raise ConfigError(f"MODEL.DISTILL.CROSSKD.TEACHER_INDEX={self.teacher_index} exceeds "
-                              f"the teacher head's {t_depth} convs per subnet.")
-        return student_index(head_depth(student_head), t_depth, self.teacher_index), \
-            self.teacher_index
-
-    def crossed(self, inputs: DistillInputs) -> tuple[list[Tensor], list[Tensor]]:
-        """The teacher head's outputs from the student's maps (per level logits, deltas)."""
-        from ..modeling.taps import head_from
-
-        maps = {}
-        for key in ("cls", "box"):
-            per_level = []
-            for s, t in zip(inputs.student_internals[key], inputs.teacher_internals[key]):
-                if key in self.adapters:
-                    s = self.adapters[key](s)
-                per_level.append(match_statistics(s.float(), t.float()))
-            maps[key] = per_level
-        return head_from(inputs.teacher_head, maps, self.teacher_index)
+        return {"adapters": cls.build_adapters(student_shapes, teacher_shapes),
+                "teacher_index": d.TEACHER_INDEX, "cls_weight": d.CLS_WEIGHT,
+                "reg_weight": d.REG_WEIGHT, "beta": d.BETA}
 
     def forward(self, inputs: DistillInputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         logits, deltas = self.crossed(inputs)

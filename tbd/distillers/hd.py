@@ -40,6 +40,32 @@ def compute_harmony(inputs: DistillInputs, form: str, alpha: float, beta: float)
     )
 
 
+def harmony_weights(inputs: DistillInputs, form: str, alpha: float, beta: float,
+                    bg_weight: float) -> tuple[Tensor, Tensor]:
+    """(HS, w), each [N, R]: the Harmony Score on foreground anchors (0 elsewhere), the weight of
+    the box term; and the weight of the classification term, HS on foreground anchors and
+    ``bg_weight * max_c p_T`` on the other non-ignored ones."""
+    hs = compute_harmony(inputs, form, alpha, beta)
+    bg_w = bg_weight * inputs.teacher_probs.amax(dim=-1)
+    w = torch.where(inputs.fg_mask, hs,
+                    torch.where(inputs.valid_mask, bg_w, torch.zeros_like(hs)))
+    return hs, w
+
+
+def harmony_diagnostics(inputs: DistillInputs, hs: Tensor, w: Tensor,
+                        prefix: str) -> dict[str, Tensor]:
+    """The teacher's mean HS, s and u over the foreground anchors, and the classification
+    weight's mass, for the event storage under ``prefix/``."""
+    num_fg = inputs.fg_mask.sum().clamp_min(1)
+    s, u = inputs.teacher_quality
+    return {
+        f"{prefix}/mean_hs_fg": hs.sum() / num_fg,
+        f"{prefix}/mean_s_fg": s.sum() / num_fg,
+        f"{prefix}/mean_u_fg": u.sum() / num_fg,
+        f"{prefix}/cls_weight_mass": w.sum(),
+    }
+
+
 @DISTILL_LOSS_REGISTRY.register()
 class HD(Distiller):
     """Harmony distillation: BCE to the teacher's scores and GIoU to its boxes, HS-weighted.
@@ -123,14 +149,9 @@ class HD(Distiller):
         }
 
     def forward(self, inputs: DistillInputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        fg, valid = inputs.fg_mask, inputs.valid_mask
-        hs = compute_harmony(inputs, self.hs_form, self.hs_alpha, self.hs_beta)
-        p_t = inputs.teacher_probs
-        bg_w = self.bg_weight * p_t.amax(dim=-1)
-        w = torch.where(fg, hs, torch.where(valid, bg_w, torch.zeros_like(hs)))
-
+        hs, w = harmony_weights(inputs, self.hs_form, self.hs_alpha, self.hs_beta, self.bg_weight)
         z_s = inputs.flatten_levels(inputs.student_logits, inputs.num_classes)
-        loss_cls = weighted_mean(weighted_bce_to_teacher(z_s, p_t), w)
+        loss_cls = weighted_mean(weighted_bce_to_teacher(z_s, inputs.teacher_probs), w)
 
         if self.reg_loss == "giou":
             b_s = inputs.decode(inputs.student_deltas, inputs.student_box2box)
@@ -141,13 +162,7 @@ class HD(Distiller):
             per_anchor = (d_s - d_t).abs().sum(dim=-1)
         loss_reg = weighted_mean(per_anchor, hs)
 
-        num_fg = fg.sum().clamp_min(1)
-        diag = {
-            "hd/mean_hs_fg": hs.sum() / num_fg,
-            "hd/mean_s_fg": inputs.teacher_quality[0].sum() / num_fg,
-            "hd/mean_u_fg": inputs.teacher_quality[1].sum() / num_fg,
-            "hd/cls_weight_mass": w.sum(),
-        }
+        diag = harmony_diagnostics(inputs, hs, w, "hd")
         losses = {
             "loss_hd_cls": self.cls_weight * loss_cls,
             "loss_hd_reg": self.reg_weight * loss_reg,
