@@ -2,12 +2,12 @@
 investigation variant (docs/METHOD.md, "CrossHD"). Registers the distiller "CrossHD", no named
 method. Keys: ``MODEL.DISTILL.CROSS_HD.*``, and ``MODEL.DISTILL.HS.*`` for the Harmony Score.
 
-HD pulls the student's own head towards the teacher's outputs, which that head must also fit to
-the ground truth; CrossKD sends the student's head maps through the teacher's frozen last layers
-and distils those crossed outputs instead, so the student's predictions answer to the ground
-truth alone. CrossHD keeps everything of HD (the foreground anchors, the HS weights, BCE and
-GIoU) but where it acts, which CrossKD's: with "HD" + "TFD" it is TBD with crossed outputs, the
-setting that separates "where HD acts" from "what HD weights" when TBD and CrossKD differ.
+HD pulls the student's own head towards the teacher's outputs, a head that must also fit the
+ground truth; CrossKD sends the student's head maps through the teacher's frozen last layers and
+distils those crossed outputs instead, so the student's predictions answer to the ground truth
+alone. CrossHD takes HD's terms (foreground anchors, HS weights, BCE and GIoU) and CrossKD's
+place for them, the crossed outputs. With "TFD" it is TBD with crossed outputs: it tells apart
+where HD acts from what it weights, the two ways TBD and CrossKD differ.
 """
 
 from __future__ import annotations
