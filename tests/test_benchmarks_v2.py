@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tbd_benchmarks import accuracy_v2 as v2
+from tbd_benchmarks import accuracy_v2_report as rep
 from tbd_benchmarks import accuracy_v2_stats as st
 from tbd_benchmarks.common import cpu_name
 
@@ -128,6 +129,28 @@ def test_summarise_counts_failures_and_pairs_by_seed():
     assert base["vs_baseline"] is None
     # no baseline row in the table: nothing to pair with
     assert st.summarise(rows[3:], ["tbd"], "tbd", 0.5, 0.95)[0]["vs_baseline"] is None
+
+
+def test_a_comparison_is_pending_until_both_sides_have_every_seed():
+    """3 of 5 seeds with every peer ahead: an interval that excludes 0 but no verdict; with the
+    5th seed of both (a diverged run counts as recorded, it has no AP to pair) the verdict."""
+    ref = [{"method": "tbd", "seed": s, "AP": 20.0} for s in range(5)]
+    peer = [{"method": "pkd", "seed": s, "AP": 20.0 + x, "multiplier": 2.0}
+            for s, x in enumerate([1.0, 1.2, 0.8])]
+    line = st.summarise(ref + peer, ["tbd", "pkd"], "tbd", 0.5, 0.95, 5)[1]
+    d = line["vs_reference"]
+    # d = (1, 1.2, 0.8): mean 1, sd 0.2, sem 0.2 / sqrt(3), t(0.975, 2) = 4.3027
+    assert d["low"] == pytest.approx(1 - 4.3027 * 0.2 / math.sqrt(3), abs=1e-3) and d["low"] > 0
+    assert d["verdict"] == "pending" and d["seeds_required"] == 5 and d["n"] == 3
+    assert rep._paired_cells(d)[1] == "pending (3 of 5 seeds)"
+    peer += [{"method": "pkd", "seed": 3, "AP": 21.1, "multiplier": 2.0},
+             {"method": "pkd", "seed": 4, "failed": "loss is nan", "multiplier": 2.0}]
+    d = st.summarise(ref + peer, ["tbd", "pkd"], "tbd", 0.5, 0.95, 5)[1]["vs_reference"]
+    assert d["verdict"] == "above" and d["n"] == 4
+    assert rep._paired_cells(d)[1] == "better"
+    # the reference short of a seed: pending again, whatever the peer has
+    d = st.summarise(ref[:4] + peer, ["tbd", "pkd"], "tbd", 0.5, 0.95, 5)[1]["vs_reference"]
+    assert d["verdict"] == "pending"
 
 
 # ------------------------------------------------------------------------------ the protocol
@@ -607,11 +630,12 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
     assert "last-quarter gain 2.00" in md and "**converged**" in md  # 20.0 - 18.0 (at 60)
     assert "| tbd | 24.0 | 25.0 | x2 |" in md
     assert "Teacher: 40.0 AP, +19.5 above the baseline's mean (headroom on test)" in md
-    # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval yet
-    assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and "| -4.00 [n/a, n/a] | inconclusive |" in md
+    # baseline - tbd on seed 0 only (seed 1 of tbd is missing): -4.0, no interval, no verdict yet
+    pending = "pending (1 of 2 seeds)"
+    assert "| baseline |  | 2 | 20.5 ± 0.7 |" in md and f"| -4.00 [n/a, n/a] | {pending} |" in md
     # and against the baseline: the baseline's own cells empty, tbd - baseline = +4.0 on seed 0
-    assert "| -4.00 [n/a, n/a] | inconclusive |  |  | 0/2 " in md
-    assert "| tbd | x2 | 1 | 24.0 | 24.0 |  |  | 4.00 [n/a, n/a] | inconclusive |" in md
+    assert f"| -4.00 [n/a, n/a] | {pending} |  |  | 0/2 " in md
+    assert f"| tbd | x2 | 1 | 24.0 | 24.0 |  |  | 4.00 [n/a, n/a] | {pending} |" in md
     # auto 24.5 against the chosen x2's 25.0
     assert "| tbd | 24.5 | 25.0 (x2) | -0.5 | HD 0.5, TFD 2 |" in md
     payload = json.loads((tmp_path / "res" / "results.json").read_text())

@@ -46,6 +46,8 @@ def _paired_cells(d: Optional[dict]) -> tuple[str, str]:
     if d is None:
         return "", ""
     diff = f"{_fmt(d['mean'], 2)} [{_fmt(d['low'], 2)}, {_fmt(d['high'], 2)}]"
+    if d["verdict"] == "pending":
+        return diff, f"pending ({d['n']} of {d['seeds_required']} seeds)"
     return diff, {"above": "better", "below": "worse"}.get(d["verdict"], "inconclusive")
 
 
@@ -248,7 +250,8 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
     methods = [m["name"] for m in protocol["methods"]]
     test = [r for r in state["test"] if r]
     table = summarise(test, methods, protocol["reference"], protocol["failure"]["stalled_below"],
-                      protocol["statistics"]["confidence"]) if test else []
+                      protocol["statistics"]["confidence"],
+                      len(protocol["test"]["seeds"])) if test else []
     n_tune = len([m for m in protocol["methods"] if m["losses"]]) * len(
         protocol["tuning"]["multipliers"])
     n_test = len(methods) * len(protocol["test"]["seeds"])

@@ -106,14 +106,16 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
 
 
 def summarise(rows: list[dict], methods: list[str], reference: str, stalled_below: float,
-              confidence: float) -> list[dict]:
+              confidence: float, seeds_required: int = 0) -> list[dict]:
     """One line per method from its test rows (``rows``: every run row of the test split).
 
     Each run's status is set in place. AP with failures counts every run whose AP exists (a
     diverged run has none); AP without failures only the "ok" runs. Paired differences, to
     ``reference`` (``vs_reference``, the protocol's verdict) and to the baseline (``vs_baseline``,
     descriptive), use every run with an AP, failed or not, so that the pairing never drops a seed
-    silently.
+    silently. While either side of a comparison has fewer recorded runs than ``seeds_required``
+    (the protocol's seeds), its verdict is "pending": an interval over the first seeds is shown,
+    never read as the protocol's verdict.
     """
     base = [r["AP"] for r in rows if r["method"] == "baseline" and r.get("AP") is not None]
     base_mean = statistics.mean(base) if base else None
@@ -121,6 +123,14 @@ def summarise(rows: list[dict], methods: list[str], reference: str, stalled_belo
         r["status"] = status(r, base_mean, stalled_below)
     by_seed = {m: {r["seed"]: r["AP"] for r in rows if r["method"] == m and r.get("AP") is not None}
                for m in methods}
+    complete = {m: sum(r["method"] == m for r in rows) >= seeds_required for m in methods}
+
+    def compare(m: str, other: str) -> dict:
+        d = paired_difference(by_seed[m], by_seed.get(other, {}), confidence)
+        if not (complete[m] and complete.get(other, False)):
+            d.update(verdict="pending", seeds_required=seeds_required)
+        return d
+
     out = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
@@ -136,12 +146,10 @@ def summarise(rows: list[dict], methods: list[str], reference: str, stalled_belo
         line["AP_mean_ok"], line["AP_std_ok"] = mean_std(ok_ap)
         for k in ("AP50", "AP75", "harmonious_proportion", "score_iou_spearman"):
             line[k] = mean_std([r[k] for r in mine if r.get(k) is not None])[0]
-        line["vs_reference"] = (None if m == reference else
-                                paired_difference(by_seed[m], by_seed.get(reference, {}),
-                                                  confidence))
+        line["vs_reference"] = None if m == reference else compare(m, reference)
         # Descriptive, beside the registered comparison to ``reference``: does a distiller gain
         # anything over the student trained alone on the converged schedule?
         line["vs_baseline"] = (None if m == "baseline" or "baseline" not in by_seed else
-                               paired_difference(by_seed[m], by_seed["baseline"], confidence))
+                               compare(m, "baseline"))
         out.append(line)
     return out
