@@ -75,6 +75,8 @@ class CrossedHead(Distiller):
 
     @classmethod
     def validate_index(cls, cfg: CN) -> None:
+        """Raise ConfigError unless the crossing depth is an integer >= 0 (its upper bound, the
+        teacher head's depth, is checked when the model is built: ``head_indices``)."""
         value = config_value(cfg, cls.index_key)
         if not isinstance(value, int) or value < 0:
             raise ConfigError(f"{cls.index_key} must be an integer >= 0 (at most the teacher's "
