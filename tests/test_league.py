@@ -112,22 +112,31 @@ def test_teacher_crossed_with_itself_gives_its_own_outputs():
             assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_crosskd_student_equal_to_teacher_has_zero_loss(tmp_path):
-    """Same architecture and weights: the crossed outputs are the teacher's, so both terms are 0
-    (the QFL modulating factor and the GIoU of a box with itself)."""
+def student_equal_to_teacher(tmp_path, losses: list[str]):
+    """A tiny distilled student with its teacher's architecture and weights, crossed after the
+    teacher's first head conv, in training mode with BN as the teacher's (eval): the same maps
+    on both sides, so the crossed outputs are the teacher's."""
     c, w, teacher = make_teacher(tmp_path)
-    cfg = tiny_distill_cfg(tmp_path, losses=["CrossKD"], teacher_weights=w)
+    cfg = tiny_distill_cfg(tmp_path, losses=losses, teacher_weights=w)
     cfg.MODEL.DISTILL.TEACHER.CONFIG = c
     cfg.MODEL.FPN.OUT_CHANNELS = 32
     cfg.MODEL.RETINANET.NUM_CONVS = 2
     cfg.MODEL.DISTILL.CROSSKD.TEACHER_INDEX = 1
+    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
     model = build_model(cfg).eval()
     missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("distillers.") for k in missing)
     model.train()
-    for m in model.modules():  # BN as the teacher's (eval): the same maps on both sides
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
+    return model
+
+
+def test_crosskd_student_equal_to_teacher_has_zero_loss(tmp_path):
+    """Same architecture and weights: the crossed outputs are the teacher's, so both terms are 0
+    (the QFL modulating factor and the GIoU of a box with itself)."""
+    model = student_equal_to_teacher(tmp_path, ["CrossKD"])
     with EventStorage(0):
         out = model(make_batch(2))
     assert float(out["loss_crosskd_cls"].detach()) == pytest.approx(0.0, abs=1e-6)
@@ -174,18 +183,7 @@ def test_cross_hd_student_equal_to_teacher_leaves_the_teacher_entropy(tmp_path):
     """Same architecture and weights: the crossed outputs are the teacher's, so the box term is 0
     and the classification term is the HS-weighted mean of the teacher's entropy (BCE of p_T
     with itself), sum_c -p ln p - (1 - p) ln(1 - p), over the foreground anchors."""
-    c, w, teacher = make_teacher(tmp_path)
-    cfg = tiny_distill_cfg(tmp_path, losses=["CrossHD"], teacher_weights=w)
-    cfg.MODEL.DISTILL.TEACHER.CONFIG = c
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RETINANET.NUM_CONVS = 2
-    cfg.MODEL.DISTILL.CROSS_HD.TEACHER_INDEX = 1
-    model = build_model(cfg).eval()
-    model.load_state_dict(teacher.state_dict(), strict=False)
-    model.train()
-    for m in model.modules():  # BN as the teacher's (eval): the same maps on both sides
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
+    model = student_equal_to_teacher(tmp_path, ["CrossHD"])
     with EventStorage(0):
         inputs = model.distill_inputs(make_batch(2, seed=4)).float()
     with torch.no_grad():
