@@ -643,6 +643,15 @@ def test_report_of_a_partial_profile(tmp_path, smoke):
     assert payload["settings"]["protocol_sha256"] == smoke["sha256"]
     assert (tmp_path / "res" / "accuracy_v2.png").is_file()
     assert (tmp_path / "res" / "curves.png").is_file()
+    # an investigation (`--phase tune`) ends with every tune run and no test run: not "partial"
+    write_report(tmp_path / "inv", smoke, {**state, "test": [], "auto": []}, Recorded(),
+                 [{"wall_s": 60.0}], "abc", model_gflops_of=lambda c: {"total": 0.5})
+    inv = (tmp_path / "inv" / "results.md").read_text()
+    assert "Status: **tune complete (2/2 runs), no test run**" in inv
+    write_report(tmp_path / "inv1", smoke, {**state, "tune": [cal, tune[0]], "test": []},
+                 Recorded(), [{"wall_s": 60.0}], "abc", model_gflops_of=lambda c: {"total": 0.5})
+    assert "Status: **partial: tune 1/2 runs, test 0/4 runs**" in (
+        tmp_path / "inv1" / "results.md").read_text()
 
 
 def test_auto_weight_runs_start_from_the_published_weights_and_choose_nothing(smoke, tmp_path):

@@ -52,9 +52,10 @@ def _paired_cells(d: Optional[dict]) -> tuple[str, str]:
 
 
 def markdown(protocol: dict, state: dict, settings: dict, table: list[dict]) -> str:
+    claim = ("a claim" if protocol["claim"] else
+             "no claim (a smoke check or an investigation, not a result)")
     lines = [f"# Accuracy benchmark v2: `{protocol['name']}`", "",
-             f"Protocol: `{protocol['file']}` (sha256 `{protocol['sha256'][:12]}`), "
-             f"{'a claim' if protocol['claim'] else 'no claim (a pipeline check)'}. "
+             f"Protocol: `{protocol['file']}` (sha256 `{protocol['sha256'][:12]}`), {claim}. "
              f"Train `{protocol['splits']['train']}`, choices on `{protocol['splits']['tune']}`, "
              f"report on `{protocol['splits']['test']}`. Status: **{settings['status']}**.", ""]
     if protocol["deviations"]:
@@ -256,6 +257,7 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
         protocol["tuning"]["multipliers"])
     n_test = len(methods) * len(protocol["test"]["seeds"])
     done_test = len(test)
+    done_tune = max(len(state["tune"]) - 1, 0)  # its first row is the baseline's
     ladder = protocol["calibration"]["ladder"]
     if state.get("headroom") and not state["headroom"]["passed"]:
         status = "headroom check failed: no main runs"
@@ -266,9 +268,11 @@ def write_report(out: Path, protocol: dict, state: dict, runner, calls: list[dic
                   "next")
     elif done_test == n_test:
         status = "complete"
+    elif done_tune == n_tune and not done_test:
+        # where an investigation (`--phase tune`) ends: finished, not "partial"
+        status = f"tune complete ({n_tune}/{n_tune} runs), no test run"
     else:
-        status = (f"partial: tune {max(len(state['tune']) - 1, 0)}/{n_tune} runs, test "
-                  f"{done_test}/{n_test} runs")
+        status = f"partial: tune {done_tune}/{n_tune} runs, test {done_test}/{n_test} runs"
     cal_rows = [runner.recorded({"split": "tune", "method": "baseline", "multiplier": None,
                                  "seed": protocol["tuning"]["seed"], "iters": c["iters"]}) or {}
                 for c in state["calibration"]]
